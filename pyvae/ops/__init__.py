@@ -1,0 +1,15 @@
+"""pyvae's functional ops: one dispatch module per op over the reference, cpu, cuda and triton
+backends (see :mod:`pyvae.ops._backend`)."""
+from pyvae.ops._backend import available_backends, last_backend, requested_backend, use_backend
+from pyvae.ops._checks import nan_policy
+from pyvae.ops.reparameterize_kl import reparameterize_kl, reparameterize_kl_reference
+
+__all__ = [
+    "available_backends",
+    "last_backend",
+    "nan_policy",
+    "reparameterize_kl",
+    "reparameterize_kl_reference",
+    "requested_backend",
+    "use_backend",
+]

@@ -1,0 +1,186 @@
+"""Fused reparameterisation and KL divergence of diagonal Gaussians.
+
+``z = mu + exp(logvar / 2) * eps`` and the KL divergence of N(mu, exp(logvar)) to the prior,
+summed over the last dimension, in one pass over ``mu`` and ``logvar``. With ``eps=None`` the
+noise is generated inside the kernels by Philox (see :mod:`pyvae.ops._noise`) and regenerated in
+the backward pass instead of being stored.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyvae.ops import _backend, _checks
+from pyvae.ops._noise import philox_normal
+
+OP = "reparameterize_kl"
+
+
+def kl_dtype(dtype: torch.dtype) -> torch.dtype:
+    """KL is accumulated and returned in float32 (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reparameterize_kl_reference(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
+                                seed=None):
+    """Eager PyTorch version of the op: the ground truth of the tests.
+
+    Same conventions as :func:`reparameterize_kl`; with ``eps=None`` the noise is the Philox
+    noise of ``seed`` (a one-element int64 tensor), as in the kernels.
+    """
+    acc = kl_dtype(mu.dtype)
+    m, lv = mu.to(acc), logvar.to(acc)
+    if eps is None:
+        d = mu.shape[-1]
+        eps = philox_normal(seed, mu.numel() // max(d, 1), d, dtype=acc).reshape(mu.shape)
+    z = (m + torch.exp(0.5 * lv) * eps.to(acc)).to(mu.dtype)
+    if prior_mu is None:
+        kl = 0.5 * (m * m + torch.exp(lv) - 1.0 - lv).sum(-1)
+    else:
+        pm, plv = prior_mu.to(acc), prior_logvar.to(acc)
+        kl = 0.5 * (plv - lv + (torch.exp(lv) + (m - pm) ** 2) * torch.exp(-plv) - 1.0).sum(-1)
+    return z, kl
+
+
+# ---- the kernel ops: fake kernels and autograd, shared by the C++ and the Triton ops ----------
+
+def _fake_forward(mu, logvar, eps, seed, prior_mu, prior_logvar):
+    return torch.empty_like(mu), mu.new_empty(mu.shape[:1], dtype=kl_dtype(mu.dtype))
+
+
+def _fake_backward(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu, prior_logvar):
+    prior_shape = mu.shape if prior_mu is not None else (0,)
+    return (torch.empty_like(mu), torch.empty_like(mu), mu.new_empty(prior_shape),
+            mu.new_empty(prior_shape))
+
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, eps, seed, prior_mu, prior_logvar = inputs
+    ctx.save_for_backward(mu, logvar, eps, seed, prior_mu, prior_logvar)
+
+
+def _register_autograd(forward_name: str, backward_op) -> None:
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, eps, seed, prior_mu, prior_logvar = ctx.saved_tensors
+        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = backward_op(
+            None if grad_z is None else grad_z.contiguous(),
+            None if grad_kl is None else grad_kl.contiguous(),
+            mu, logvar, eps, seed, prior_mu, prior_logvar)
+        grad_eps = None
+        if eps is not None and ctx.needs_input_grad[2] and grad_z is not None:
+            grad_eps = grad_z * torch.exp(0.5 * logvar)  # rare: a caller differentiating its eps
+        if prior_mu is None:
+            grad_prior_mu = grad_prior_logvar = None
+        return grad_mu, grad_logvar, grad_eps, None, grad_prior_mu, grad_prior_logvar
+
+    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+
+
+# C++ (cpu, cuda): defined and implemented in pyvae._C.
+if _backend.EXTENSION_ERROR is None:
+    torch.library.register_fake("pyvae::reparameterize_kl_forward")(_fake_forward)
+    torch.library.register_fake("pyvae::reparameterize_kl_backward")(_fake_backward)
+    _register_autograd("pyvae::reparameterize_kl_forward",
+                       torch.ops.pyvae.reparameterize_kl_backward.default)
+
+
+# Triton: custom ops around the launchers in pyvae.kernels.reparameterize_kl.
+@torch.library.custom_op("pyvae::reparameterize_kl_forward_triton", mutates_args=())
+def _triton_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
+                    seed: torch.Tensor | None, prior_mu: torch.Tensor | None,
+                    prior_logvar: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels = _backend.triton_kernels("reparameterize_kl")
+    return kernels.reparameterize_kl_forward(mu, logvar, eps, seed, prior_mu, prior_logvar)
+
+
+@torch.library.custom_op("pyvae::reparameterize_kl_backward_triton", mutates_args=())
+def _triton_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None,
+                     mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
+                     seed: torch.Tensor | None, prior_mu: torch.Tensor | None,
+                     prior_logvar: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _backend.triton_kernels("reparameterize_kl")
+    grads = kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
+                                               prior_logvar)
+    empty = mu.new_empty((0,))
+    return tuple(empty if g is None else g for g in grads)
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+_register_autograd("pyvae::reparameterize_kl_forward_triton", _triton_backward)
+
+
+def _kernel_op(backend: str):
+    if backend == "triton":
+        return _triton_forward
+    return torch.ops.pyvae.reparameterize_kl_forward.default
+
+
+# ---- the public op ------------------------------------------------------------------------------
+
+def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """One int64 from ``generator`` (default: the device's default generator), on ``device``.
+
+    Drawing it advances the generator, so consecutive calls get fresh noise and
+    ``torch.manual_seed`` reproduces a call; it stays on the device (no host sync).
+    """
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"{OP}: generator is on {generator.device} but mu is on {device}")
+    return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device,
+                         generator=generator)
+
+
+def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None,
+                      *, prior_mu: torch.Tensor | None = None,
+                      prior_logvar: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``z ~ N(mu, exp(logvar))`` by reparameterisation and return it with its KL.
+
+    Args:
+        mu: posterior means, shape (..., D), float16 / bfloat16 / float32 / float64.
+        logvar: posterior log-variances log σ², same shape, dtype and device as ``mu``.
+        eps: standard-normal noise of ``mu``'s shape, used as is. ``None`` (default): generated
+            inside the kernel from a seed drawn from ``generator`` and never stored.
+        prior_mu, prior_logvar: a diagonal Gaussian prior N(prior_mu, exp(prior_logvar)) of
+            ``mu``'s shape (both or neither); default the standard normal N(0, I).
+        generator: the ``torch.Generator`` the noise seed is drawn from (default: the default
+            generator of ``mu``'s device).
+
+    Returns:
+        ``z`` of ``mu``'s shape and dtype, and ``kl`` of shape ``mu.shape[:-1]``: the KL
+        divergence in nats summed over the last dimension, float32 (float64 for float64
+        inputs), accumulated in float32 for half-precision inputs. Differentiable with respect
+        to ``mu``, ``logvar``, ``eps`` and the prior parameters.
+    """
+    _checks.check_float_tensor(OP, "mu", mu)
+    if mu.dim() < 1:
+        raise ValueError(f"{OP}: mu must be at least 1-D (..., D), got a 0-D tensor")
+    _checks.check_like(OP, "logvar", logvar, "mu", mu)
+    if eps is not None:
+        _checks.check_like(OP, "eps", eps, "mu", mu)
+    if (prior_mu is None) != (prior_logvar is None):
+        raise ValueError(f"{OP}: prior_mu and prior_logvar must be given together")
+    if prior_mu is not None:
+        _checks.check_like(OP, "prior_mu", prior_mu, "mu", mu)
+        _checks.check_like(OP, "prior_logvar", prior_logvar, "mu", mu)
+    _checks.check_finite(OP, mu=mu, logvar=logvar, eps=eps, prior_mu=prior_mu,
+                         prior_logvar=prior_logvar)
+
+    backend = _backend.resolve(OP, mu.device)
+    seed = _draw_seed(mu.device, generator) if eps is None else None
+    if backend == "reference":
+        return reparameterize_kl_reference(mu, logvar, eps, prior_mu=prior_mu,
+                                           prior_logvar=prior_logvar, seed=seed)
+
+    cols = mu.shape[-1]
+    rows = math.prod(mu.shape[:-1])
+
+    def as_rows(t):
+        return None if t is None else t.reshape(rows, cols).contiguous()
+
+    z, kl = _kernel_op(backend)(as_rows(mu), as_rows(logvar), as_rows(eps), seed,
+                                as_rows(prior_mu), as_rows(prior_logvar))
+    return z.reshape(mu.shape), kl.reshape(mu.shape[:-1])
