@@ -1,0 +1,139 @@
+"""Run pyvae's benchmarks and print ratio tables; optionally save the results and refresh README.
+
+    python benchmarks/run.py --quick             # the `make demo` subset, printed
+    python benchmarks/run.py --save benchmarks/results   # everything, saved as JSON
+    python benchmarks/run.py --readme            # README table from the committed JSON only
+
+A saved file holds the device, versions, date, the measured copy bandwidth and, per case, the
+median time, achieved GB/s, and the ratios to eager PyTorch and torch.compile of the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def run_pytest(quick: bool, select: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider",
+               "--benchmark-only", f"--benchmark-json={out}", "--benchmark-disable-gc",
+               "--benchmark-columns=median", "--benchmark-sort=name",
+               "-o", "python_files=bench_*.py", "--rootdir", HERE]
+        if quick:
+            cmd.append("--quick")
+        if select:
+            cmd += ["-k", select]
+        subprocess.run(cmd, check=True, cwd=HERE)
+        with open(out) as f:
+            return json.load(f)
+
+
+def summarise(raw: dict) -> dict:
+    """pytest-benchmark JSON -> pyvae's compact results (with ratios within the same run)."""
+    info = raw["machine_info"]["pyvae"]
+    cases = []
+    for bench in raw["benchmarks"]:
+        extra = bench["extra_info"]
+        median = bench["stats"]["median"]
+        cases.append(dict(extra, median_ms=median * 1e3,
+                          gbs=extra["bytes"] / median / 1e9 if "bytes" in extra else None))
+    for case in cases:
+        same = {c["impl"]: c["median_ms"] for c in cases
+                if all(c.get(k) == case.get(k) for k in ("op", "shape", "dtype", "mode"))}
+        for baseline in ("eager", "compile"):
+            if baseline in same:
+                case[f"x_{baseline}"] = same[baseline] / case["median_ms"]
+        if case.get("gbs"):
+            case["pct_copy_bw"] = 100 * case["gbs"] / info["copy_bandwidth_gbs"]
+    return dict(info, cases=cases)
+
+
+def table(result: dict, *, markdown: bool = False) -> str:
+    head = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "× eager",
+            "× compile"]
+    rows = []
+    for c in result["cases"]:
+        fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+        rows.append([c["op"], c["shape"], c["dtype"], c["mode"], c["impl"],
+                     fmt(c["median_ms"], ".3f"), fmt(c.get("gbs"), ".1f"),
+                     fmt(c.get("pct_copy_bw"), ".0f"), fmt(c.get("x_eager"), ".2f"),
+                     fmt(c.get("x_compile"), ".2f")])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head)] + [line(r) for r in rows])
+
+
+def describe(result: dict) -> str:
+    v = result["versions"]
+    return (f"{result['device_name']} ({result['device']}), torch {v['torch']}, "
+            f"triton {v['triton']}, {result['date'][:10]}; measured copy bandwidth "
+            f"{result['copy_bandwidth_gbs']:.0f} GB/s")
+
+
+def save(result: dict, folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device_name"]).strip("-").lower()
+    path = os.path.join(folder, f"{result['date'][:10]}-{slug}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)  # atomic: never a half-written results file
+    return path
+
+
+def update_readme(folder: str, readme: str) -> None:
+    """Replace the README's benchmark section with tables of the newest result per device."""
+    newest = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            result = json.load(f)
+        newest[result["device_name"]] = (path, result)
+    parts = []
+    for path, result in newest.values():
+        parts.append(f"**{describe(result)}** (`{os.path.relpath(path, ROOT)}`)\n\n"
+                     f"{table(result, markdown=True)}\n")
+    body = "\n".join(parts) or "_No committed results yet._\n"
+    with open(readme) as f:
+        text = f.read()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    with open(readme, "w") as f:
+        f.write(text[:start] + "\n" + body + text[end:])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the small `make demo` subset")
+    parser.add_argument("-k", dest="select", help="pytest -k expression to select cases")
+    parser.add_argument("--save", metavar="DIR", help="write the results JSON into DIR")
+    parser.add_argument("--readme", action="store_true",
+                        help="only regenerate README.md's table from benchmarks/results/")
+    args = parser.parse_args(argv)
+    results_dir = os.path.join(HERE, "results")
+    if not args.readme:
+        result = summarise(run_pytest(args.quick, args.select))
+        print(f"\n{describe(result)}\n{table(result)}")
+        if args.save:
+            print(f"saved {save(result, args.save)}")
+    if args.save or args.readme:
+        update_readme(results_dir, os.path.join(ROOT, "README.md"))
+        print("README.md benchmark table updated")
+
+
+if __name__ == "__main__":
+    main()
