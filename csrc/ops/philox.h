@@ -34,7 +34,7 @@ PYVAE_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 // Philox4x32 with 10 rounds.
 PYVAE_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                uint32_t k1) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {

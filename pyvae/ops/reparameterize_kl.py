@@ -103,8 +103,7 @@ def _triton_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None,
     kernels = _backend.triton_kernels("reparameterize_kl")
     grads = kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
                                                prior_logvar)
-    empty = mu.new_empty((0,))
-    return tuple(empty if g is None else g for g in grads)
+    return tuple(mu.new_empty((0,)) if g is None else g for g in grads)  # distinct: no aliasing
 
 
 _triton_forward.register_fake(_fake_forward)

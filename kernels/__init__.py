@@ -1,0 +1,1 @@
+"""Triton kernels of pyvae (installed as pyvae.kernels)."""
