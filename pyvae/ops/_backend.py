@@ -26,9 +26,15 @@ try:
 except ImportError as error:  # a source tree whose extension was never built
     EXTENSION_ERROR = f"pyvae._C could not be imported ({error}); build it with `make setup`"
 
-TRITON_ERROR: str | None = None
-if importlib.util.find_spec("triton") is None:
-    TRITON_ERROR = "triton is not installed"
+def _find_triton() -> str | None:
+    try:  # find, don't import: importing triton is slow and needs no GPU until a kernel runs
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: masked in sys.modules
+        found = False
+    return None if found else "triton is not installed"
+
+
+TRITON_ERROR: str | None = _find_triton()
 
 _requested: list[str] = []
 _last_backend: dict[str, str] = {}

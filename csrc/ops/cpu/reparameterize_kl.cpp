@@ -10,6 +10,10 @@
 #include <cmath>
 #include <type_traits>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "ops/cpu/vec_math.h"
 #include "ops/philox.h"
 #include "ops/reparameterize_kl.h"
@@ -23,44 +27,66 @@ constexpr int64_t kGroups = kChunk / 4;  // Philox groups per step
 
 // ---- noise -------------------------------------------------------------------------------------
 
-// The Philox words of kGroups consecutive groups, lane by lane so that the rounds vectorise.
-PYVAE_INLINE void philox_chunk(int64_t seed, int64_t row, int64_t group0, uint32_t (*w)[kGroups]) {
-  uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
-  const uint64_t r = static_cast<uint64_t>(row);
+// The Philox words of kGroups consecutive groups of a row (portable version).
+void philox_chunk_scalar(int64_t seed, int64_t row, int64_t group0, uint32_t (*w)[kGroups]) {
   for (int64_t g = 0; g < kGroups; ++g) {
-    c0[g] = static_cast<uint32_t>(group0 + g);
-    c1[g] = static_cast<uint32_t>(r);
-    c2[g] = static_cast<uint32_t>(r >> 32);
-    c3[g] = 0u;
-  }
-  uint32_t k0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
-  uint32_t k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  for (int round = 0; round < 10; ++round) {
-    for (int64_t g = 0; g < kGroups; ++g) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[g];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[g];
-      const uint32_t next0 = static_cast<uint32_t>(p1 >> 32) ^ c1[g] ^ k0;
-      const uint32_t next2 = static_cast<uint32_t>(p0 >> 32) ^ c3[g] ^ k1;
-      c1[g] = static_cast<uint32_t>(p1);
-      c3[g] = static_cast<uint32_t>(p0);
-      c0[g] = next0;
-      c2[g] = next2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int64_t g = 0; g < kGroups; ++g) {
-    w[0][g] = c0[g];
-    w[1][g] = c1[g];
-    w[2][g] = c2[g];
-    w[3][g] = c3[g];
+    const Philox4 words = noise_words(seed, row, group0 + g);
+    for (int k = 0; k < 4; ++k) w[k][g] = words.w[k];
   }
 }
 
-// kChunk normals of `row` starting at column 4 * group0 (float32 maths).
-PYVAE_VECTORIZE void noise_chunk_f32(int64_t seed, int64_t row, int64_t group0, float* out) {
-  uint32_t w[4][kGroups];
-  philox_chunk(seed, row, group0, w);
+#if defined(__x86_64__) && defined(__GNUC__)
+// The 32x32->64 products of Philox do not auto-vectorise, and they are most of the cost of the
+// noise: with AVX2 each round runs on 8 groups at once (even and odd lanes multiplied apart).
+__attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i a, __m256i m, __m256i* hi,
+                                                         __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_chunk_avx2(int64_t seed, int64_t row, int64_t group0,
+                                                        uint32_t (*w)[kGroups]) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const uint64_t r = static_cast<uint64_t>(row), s = static_cast<uint64_t>(seed);
+  for (int64_t first = 0; first < kGroups; first += 8) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(group0 + first)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(r)));
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(r >> 32)));
+    __m256i c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(s), k1 = static_cast<uint32_t>(s >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(c0, m0, &hi0, &lo0);
+      mulhilo_avx2(c2, m1, &hi1, &lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[0] + first), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[1] + first), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[2] + first), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[3] + first), c3);
+  }
+}
+#endif
+
+void philox_chunk(int64_t seed, int64_t row, int64_t group0, uint32_t (*w)[kGroups]) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return philox_chunk_avx2(seed, row, group0, w);
+#endif
+  philox_chunk_scalar(seed, row, group0, w);
+}
+
+// Box-Muller on the words of kGroups groups: kChunk normals (float32 maths, vectorised).
+PYVAE_VECTORIZE void normals_from_words_f32(const uint32_t (*w)[kGroups], float* out) {
   for (int64_t g = 0; g < kGroups; ++g) {
     const float radius_a = __builtin_sqrtf(-2.0f * log_f32(unit_uniform(w[0][g])));
     const float radius_b = __builtin_sqrtf(-2.0f * log_f32(unit_uniform(w[2][g])));
@@ -72,6 +98,13 @@ PYVAE_VECTORIZE void noise_chunk_f32(int64_t seed, int64_t row, int64_t group0, 
     out[4 * g + 2] = radius_b * cos_b;
     out[4 * g + 3] = radius_b * sin_b;
   }
+}
+
+// kChunk normals of `row` starting at column 4 * group0.
+void noise_chunk_f32(int64_t seed, int64_t row, int64_t group0, float* out) {
+  uint32_t w[4][kGroups];
+  philox_chunk(seed, row, group0, w);
+  normals_from_words_f32(w, out);
 }
 
 // The same normals in float64 maths (the uniforms are identical).
