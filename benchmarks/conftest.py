@@ -4,6 +4,8 @@
 timed call, and stores what the report needs in ``extra_info``. The device, versions and date go
 into the JSON's machine_info. ``--quick`` keeps the cases marked for the demo.
 """
+from __future__ import annotations
+
 import datetime
 import os
 import platform
@@ -72,11 +74,41 @@ def copy_bandwidth_gbs(device: str) -> float:
     return 2 * src.numel() * src.element_size() / best / 1e9
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_mb(fn, device) -> float | None:
+    """Memory one call of ``fn`` needs beyond what was allocated before it, in MB.
+
+    CUDA: the allocator's peak. CPU: the peak resident set size, reset through
+    /proc/self/clear_refs (Linux); None where that is not possible.
+    """
+    if device == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated() - before) / 1e6
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _rss_kib("VmRSS")
+        fn()
+        return (_rss_kib("VmHWM") - before) * 1024 / 1e6
+    except OSError:
+        return None
+
+
 def timed(benchmark, fn, *, device, rounds, warmup=2, **info):
-    """Benchmark ``fn()`` (synchronised) and record ``info`` (op, impl, shape, bytes, ...)."""
+    """Benchmark ``fn()`` (synchronised) and record ``info`` (op, impl, shape, bytes, ...) and
+    the call's peak extra memory."""
     def run():
         fn()
         synchronize(device)
 
     benchmark.extra_info.update(info, device=device)
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    benchmark.extra_info["peak_mb"] = peak_memory_mb(run, device)

@@ -2,11 +2,17 @@
 backends (see :mod:`pyvae.ops._backend`)."""
 from pyvae.ops._backend import available_backends, last_backend, requested_backend, use_backend
 from pyvae.ops._checks import nan_policy
+from pyvae.ops.kl_decomposition import (KLTerms, kl_decomposition, kl_decomposition_reference,
+                                        mss_log_weights)
 from pyvae.ops.reparameterize_kl import reparameterize_kl, reparameterize_kl_reference
 
 __all__ = [
+    "KLTerms",
     "available_backends",
+    "kl_decomposition",
+    "kl_decomposition_reference",
     "last_backend",
+    "mss_log_weights",
     "nan_policy",
     "reparameterize_kl",
     "reparameterize_kl_reference",

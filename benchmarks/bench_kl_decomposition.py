@@ -1,0 +1,82 @@
+"""kl_decomposition: every pyvae backend against the eager B×B×D PyTorch code and torch.compile
+of it, forward and forward+backward of the β-TCVAE terms (MSS estimator).
+
+``exps`` in extra_info is B²·D, the number of pair-dimension exponentials of one forward pass,
+so that a report can show exp/s."""
+import pytest
+import torch
+
+from conftest import timed
+from pyvae.ops import available_backends, kl_decomposition, kl_decomposition_reference, use_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda":
+    BATCHES, DIMS = [256, 1024, 4096, 16384], [10, 32, 64]
+    DTYPES = [torch.float32, torch.bfloat16]
+else:
+    BATCHES, DIMS = [256, 1024, 2048], [10, 32]
+    DTYPES = [torch.float32]
+QUICK = {(1024, 32)}
+# The eager code materialises B×B×D pair terms (several times over in the backward): only run
+# it, and torch.compile of it, where one such float32 tensor stays under 4 GB.
+EAGER_LIMIT_BYTES = 4 * 2**30
+IMPLS = ["eager", "compile"] + [b for b in available_backends(DEVICE) if b != "reference"]
+DATASET_SIZE = 10**6
+
+
+def eager_kl_decomposition(z, mu, logvar):
+    """The straightforward PyTorch code (pyvae's reference backend)."""
+    return kl_decomposition_reference(z, mu, logvar, DATASET_SIZE, estimator="mss")
+
+
+_compiled = torch.compile(eager_kl_decomposition)
+
+
+def implementation(impl):
+    if impl == "eager":
+        return eager_kl_decomposition
+    if impl == "compile":
+        return _compiled
+
+    def pyvae_op(z, mu, logvar):
+        with use_backend(impl):
+            return kl_decomposition(z, mu, logvar, DATASET_SIZE, estimator="mss")
+    return pyvae_op
+
+
+def cases():
+    for batch in BATCHES:
+        for dim in DIMS:
+            for dtype in DTYPES:
+                for mode in ("forward", "forward+backward"):
+                    for impl in IMPLS:
+                        if impl in ("eager", "compile") and batch * batch * dim * 4 >= \
+                                EAGER_LIMIT_BYTES:
+                            continue
+                        marks = [pytest.mark.quick] if (batch, dim) in QUICK else []
+                        name = f"{batch}x{dim}-{str(dtype)[6:]}-{mode}-{impl}"
+                        yield pytest.param(batch, dim, dtype, mode, impl, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("batch,dim,dtype,mode,impl", list(cases()))
+def test_kl_decomposition(benchmark, batch, dim, dtype, mode, impl):
+    fn = implementation(impl)
+    grad = mode != "forward"
+    mu = torch.randn(batch, dim, device=DEVICE)
+    logvar = 0.5 * torch.randn(batch, dim, device=DEVICE)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    z, mu, logvar = (t.to(dtype).requires_grad_(grad) for t in (z, mu, logvar))
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                fn(z, mu, logvar)
+    else:
+        def step():
+            terms = fn(z, mu, logvar)
+            # the β-TCVAE combination: every term reaches z, mu and logvar
+            (terms.mi + 6.0 * terms.tc + terms.dim_kl).sum().backward()
+    exps = batch * batch * dim
+    slow = exps >= 1 << 27 and DEVICE == "cpu"
+    timed(benchmark, step, device=DEVICE, rounds=3 if slow else 10,
+          warmup=1 if impl != "compile" else 2, op="kl_decomposition", impl=impl,
+          shape=f"{batch}x{dim}", dtype=str(dtype)[6:], mode=mode, exps=exps)

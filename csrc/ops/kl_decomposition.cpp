@@ -1,0 +1,146 @@
+// Schema of the streaming minibatch KL-decomposition op (β-TCVAE), its argument checks, and (in
+// CUDA builds) the adapter from tensors to the plain-CUDA launchers in
+// ops/cuda/kl_decomposition.cu. The CPU kernels register themselves in
+// ops/cpu/kl_decomposition.cpp; autograd, fake kernels and the user-facing wrapper are in
+// pyvae/ops/kl_decomposition.py. The maths is documented in ops/cuda/kl_decomposition.h.
+#include "ops/kl_decomposition.h"
+
+#include <torch/library.h>
+
+#include "ops/reparameterize_kl.h"  // kl_dtype
+
+#ifdef PYVAE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "ops/cuda/kl_decomposition.h"
+#endif
+
+namespace pyvae {
+
+void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
+                                 const at::Tensor& logvar) {
+  TORCH_CHECK(z.dim() == 2, "kl_decomposition: z must be 2-D (batch, dim), got ", z.sizes());
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()),
+              "kl_decomposition: z must be floating point, got ", z.scalar_type());
+  // Fewer than two samples leave no other posterior to estimate the aggregate one from.
+  TORCH_CHECK(z.size(0) >= 2, "kl_decomposition: need a batch of at least 2, got ", z.size(0));
+  TORCH_CHECK(z.size(1) >= 1, "kl_decomposition: need at least one latent dimension");
+  auto check_like_z = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == z.sizes(), "kl_decomposition: ", name, " has shape ", t.sizes(),
+                " but z has ", z.sizes());
+    TORCH_CHECK(t.scalar_type() == z.scalar_type(), "kl_decomposition: ", name, " is ",
+                t.scalar_type(), " but z is ", z.scalar_type());
+    TORCH_CHECK(t.device() == z.device(), "kl_decomposition: ", name, " is on ", t.device(),
+                " but z is on ", z.device());
+    TORCH_CHECK(t.is_contiguous(), "kl_decomposition: ", name, " must be contiguous");
+  };
+  check_like_z(z, "z");
+  check_like_z(mu, "mu");
+  check_like_z(logvar, "logvar");
+}
+
+void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_log_qz,
+                                          const std::optional<at::Tensor>& grad_lse_marginal,
+                                          const at::Tensor& z, const at::Tensor& mu,
+                                          const at::Tensor& logvar, const at::Tensor& log_qz,
+                                          const at::Tensor& lse_marginal) {
+  check_kl_decomposition_args(z, mu, logvar);
+  const at::ScalarType acc = kl_dtype(z.scalar_type());
+  auto check_acc = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK(t.sizes() == shape, "kl_decomposition: ", name, " has shape ", t.sizes(),
+                " but expected ", shape);
+    TORCH_CHECK(t.scalar_type() == acc, "kl_decomposition: ", name, " is ", t.scalar_type(),
+                " but expected ", acc, " for ", z.scalar_type(), " inputs");
+    TORCH_CHECK(t.device() == z.device(), "kl_decomposition: ", name, " is on ", t.device(),
+                " but z is on ", z.device());
+    TORCH_CHECK(t.is_contiguous(), "kl_decomposition: ", name, " must be contiguous");
+  };
+  const int64_t rows[1] = {z.size(0)};
+  check_acc(log_qz, rows, "log_qz");
+  check_acc(lse_marginal, z.sizes(), "lse_marginal");
+  if (grad_log_qz.has_value()) check_acc(*grad_log_qz, rows, "grad_log_qz");
+  if (grad_lse_marginal.has_value()) check_acc(*grad_lse_marginal, z.sizes(), "grad_lse_marginal");
+}
+
+TORCH_LIBRARY_FRAGMENT(pyvae, m) {
+  m.def(
+      "kl_decomposition_forward(Tensor z, Tensor mu, Tensor logvar, float log_weight_self, "
+      "float log_weight_next, float log_weight_other) -> (Tensor log_qz, Tensor lse_marginal)");
+  m.def(
+      "kl_decomposition_backward(Tensor? grad_log_qz, Tensor? grad_lse_marginal, Tensor z, "
+      "Tensor mu, Tensor logvar, Tensor log_qz, Tensor lse_marginal, float log_weight_self, "
+      "float log_weight_next, float log_weight_other) -> "
+      "(Tensor grad_z, Tensor grad_mu, Tensor grad_logvar)");
+}
+
+#ifdef PYVAE_WITH_CUDA
+namespace {
+
+cuda::ScalarKind scalar_kind(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return cuda::ScalarKind::kFloat32;
+    case at::kDouble: return cuda::ScalarKind::kFloat64;
+    case at::kHalf: return cuda::ScalarKind::kFloat16;
+    case at::kBFloat16: return cuda::ScalarKind::kBFloat16;
+    default: TORCH_CHECK(false, "kl_decomposition: unsupported dtype ", type);
+  }
+}
+
+const void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cuda(
+    const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, double log_weight_self,
+    double log_weight_next, double log_weight_other) {
+  check_kl_decomposition_args(z, mu, logvar);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::TensorOptions acc = z.options().dtype(kl_dtype(z.scalar_type()));
+  at::Tensor log_qz = at::empty({z.size(0)}, acc);
+  at::Tensor lse_marginal = at::empty(z.sizes(), acc);
+  cuda::KLDecompositionForward args{z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
+                                    log_weight_self, log_weight_next, log_weight_other,
+                                    log_qz.data_ptr(), lse_marginal.data_ptr(), z.size(0),
+                                    z.size(1), scalar_kind(z.scalar_type())};
+  const cudaError_t status =
+      cuda::kl_decomposition_forward(args, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "kl_decomposition_forward (cuda): ",
+              cudaGetErrorString(status));
+  return {log_qz, lse_marginal};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cuda(
+    const std::optional<at::Tensor>& grad_log_qz,
+    const std::optional<at::Tensor>& grad_lse_marginal, const at::Tensor& z,
+    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& log_qz,
+    const at::Tensor& lse_marginal, double log_weight_self, double log_weight_next,
+    double log_weight_other) {
+  check_kl_decomposition_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
+                                       lse_marginal);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor grad_z = at::empty_like(z);
+  at::Tensor grad_mu = at::empty_like(z);
+  at::Tensor grad_logvar = at::empty_like(z);
+  cuda::KLDecompositionBackward args{data_or_null(grad_log_qz), data_or_null(grad_lse_marginal),
+                                     z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
+                                     log_qz.data_ptr(), lse_marginal.data_ptr(), log_weight_self,
+                                     log_weight_next, log_weight_other, grad_z.data_ptr(),
+                                     grad_mu.data_ptr(), grad_logvar.data_ptr(), z.size(0),
+                                     z.size(1), scalar_kind(z.scalar_type())};
+  const cudaError_t status =
+      cuda::kl_decomposition_backward(args, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "kl_decomposition_backward (cuda): ",
+              cudaGetErrorString(status));
+  return {grad_z, grad_mu, grad_logvar};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyvae, CUDA, m) {
+  m.impl("kl_decomposition_forward", &kl_decomposition_forward_cuda);
+  m.impl("kl_decomposition_backward", &kl_decomposition_backward_cuda);
+}
+#endif  // PYVAE_WITH_CUDA
+
+}  // namespace pyvae

@@ -1,0 +1,244 @@
+"""Minibatch estimates of the KL decomposition of β-TCVAE (Chen et al. 2018).
+
+For a batch of B samples ``z_i ~ q(z | x_i)`` with diagonal Gaussian posteriors
+``N(mu_j, exp(logvar_j))`` from a data set of N points, the aggregate posterior q(z) and the
+product of its marginals are estimated from the batch by weighted logsumexps over all pairs
+(i, j) (minibatch-weighted or minibatch-stratified sampling, DESIGN.md §1), and the average KL
+to the prior splits into index-code mutual information, total correlation and dimension-wise KL.
+
+The kernels (cpu, cuda, triton) stream over j with an online logsumexp and keep O(B·D) memory;
+they compute only ``log_qz`` and the per-dimension logsumexps, everything else is elementwise.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from pyvae.ops import _backend, _checks
+
+OP = "kl_decomposition"
+ESTIMATORS = ("mws", "mss")
+LOG_2PI = math.log(2 * math.pi)
+
+
+class KLTerms(NamedTuple):
+    """Per-sample terms of the decomposition, each of shape (B,), in nats.
+
+    ``mi + tc + dim_kl == log_qz_x - log_pz`` (the single-sample KL to the prior), up to
+    rounding.
+    """
+
+    mi: torch.Tensor           # index-code mutual information: log_qz_x - log_qz
+    tc: torch.Tensor           # total correlation: log_qz - log_prod_qz
+    dim_kl: torch.Tensor       # dimension-wise KL: log_prod_qz - log_pz
+    log_qz: torch.Tensor       # log q(z_i), the aggregate posterior's estimate
+    log_prod_qz: torch.Tensor  # log prod_d q(z_id), the product of its marginals' estimate
+    log_qz_x: torch.Tensor     # log q(z_i | x_i)
+    log_pz: torch.Tensor       # log p(z_i) under the standard normal prior
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The terms are accumulated and returned in float32 (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pair_log_weights(estimator: str, batch: int, dataset_size: int) -> tuple[float, float, float]:
+    """The log-weights (self, next, other) of the pairs (i, i), (i, (i+1) mod B) and the rest.
+
+    ``"mws"``: -log(N·B) for every pair. ``"mss"``: log(1/N), log((N-B+1)/(N(B-1))) and
+    log(1/(B-1)), so that each row's weights sum to one (Chen et al. 2018, Appendix C).
+    """
+    n, b = dataset_size, batch
+    if estimator == "mws":
+        w = -math.log(n * b)
+        return w, w, w
+    if estimator == "mss":
+        return (-math.log(n), math.log(n - b + 1) - math.log(n) - math.log(b - 1),
+                -math.log(b - 1))
+    raise ValueError(f"{OP}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def _pair_log_weight_matrix(estimator: str, batch: int, dataset_size: int, *,
+                            dtype: torch.dtype, device) -> torch.Tensor:
+    w_self, w_next, w_other = pair_log_weights(estimator, batch, dataset_size)
+    weights = torch.full((batch, batch), w_other, dtype=dtype, device=device)
+    rows = torch.arange(batch, device=device)
+    weights[rows, (rows + 1) % batch] = w_next
+    weights[rows, rows] = w_self
+    return weights
+
+
+def mss_log_weights(batch: int, dataset_size: int, *, dtype: torch.dtype = torch.float64,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """The dense (B, B) matrix of minibatch-stratified-sampling log-weights log w_ij.
+
+    Row i weighs the posteriors q(z_i | x_j) of the batch: 1/N on j = i,
+    (N-B+1)/(N(B-1)) on the stratified neighbour j = (i+1) mod B and 1/(B-1) elsewhere; each
+    row sums to one. For tests and the reference; the kernels use the three values directly.
+    """
+    _check_sizes(batch, dataset_size)
+    return _pair_log_weight_matrix("mss", batch, dataset_size, dtype=dtype, device=device)
+
+
+def _check_sizes(batch: int, dataset_size) -> None:
+    if not isinstance(dataset_size, numbers.Integral) or isinstance(dataset_size, bool):
+        raise TypeError(f"{OP}: dataset_size must be an int, got {type(dataset_size).__name__}")
+    if batch < 2:
+        raise ValueError(f"{OP}: the batch must hold at least 2 samples, got {batch}")
+    if dataset_size < batch:
+        raise ValueError(f"{OP}: dataset_size ({dataset_size}) must be at least the batch size "
+                         f"({batch})")
+
+
+def _log_normal(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; mean, exp(logvar)), broadcasting."""
+    return -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
+def _terms(log_qz, log_prod_qz, z, mu, logvar) -> KLTerms:
+    """The elementwise rest of the decomposition, in the accumulation dtype of log_qz."""
+    acc = log_qz.dtype
+    z, mu, logvar = z.to(acc), mu.to(acc), logvar.to(acc)
+    log_qz_x = _log_normal(z, mu, logvar).sum(-1)
+    log_pz = (-0.5 * (LOG_2PI + z * z)).sum(-1)
+    return KLTerms(mi=log_qz_x - log_qz, tc=log_qz - log_prod_qz, dim_kl=log_prod_qz - log_pz,
+                   log_qz=log_qz, log_prod_qz=log_prod_qz, log_qz_x=log_qz_x, log_pz=log_pz)
+
+
+def kl_decomposition_reference(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                               dataset_size: int, *, estimator: str = "mws") -> KLTerms:
+    """Eager PyTorch version of the op, materialising the (B, B, D) pair log-densities.
+
+    The ground truth of the tests and the eager baseline of the benchmarks; needs
+    B²·D elements of memory. Same conventions as :func:`kl_decomposition`.
+    """
+    acc = acc_dtype(z.dtype)
+    batch = z.shape[0]
+    _check_sizes(batch, dataset_size)
+    zc, m, lv = z.to(acc), mu.to(acc), logvar.to(acc)
+    ell = _log_normal(zc[:, None, :], m[None, :, :], lv[None, :, :])  # [i, j, d]
+    lw = _pair_log_weight_matrix(estimator, batch, dataset_size, dtype=acc, device=z.device)
+    log_qz = torch.logsumexp(lw + ell.sum(-1), dim=1)
+    log_prod_qz = torch.logsumexp(lw[:, :, None] + ell, dim=1).sum(-1)
+    return _terms(log_qz, log_prod_qz, z, mu, logvar)
+
+
+# ---- the kernel ops: fake kernels and autograd, shared by the C++ and the Triton ops ----------
+
+def _fake_forward(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other):
+    acc = acc_dtype(z.dtype)
+    return z.new_empty(z.shape[:1], dtype=acc), z.new_empty(z.shape, dtype=acc)
+
+
+def _fake_backward(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz, lse_marginal,
+                   log_weight_self, log_weight_next, log_weight_other):
+    return torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+
+
+def _setup_context(ctx, inputs, output):
+    z, mu, logvar, *log_weights = inputs
+    log_qz, lse_marginal = output
+    ctx.log_weights = log_weights
+    # The backward recomputes the pair terms from these: O(B·D), never the B×B×D tensor.
+    ctx.save_for_backward(z, mu, logvar, log_qz, lse_marginal)
+
+
+def _register_autograd(forward_name: str, backward_op) -> None:
+    def backward(ctx, grad_log_qz, grad_lse_marginal):
+        z, mu, logvar, log_qz, lse_marginal = ctx.saved_tensors
+        grad_z, grad_mu, grad_logvar = backward_op(
+            None if grad_log_qz is None else grad_log_qz.contiguous(),
+            None if grad_lse_marginal is None else grad_lse_marginal.contiguous(),
+            z, mu, logvar, log_qz, lse_marginal, *ctx.log_weights)
+        return grad_z, grad_mu, grad_logvar, None, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+
+
+# C++ (cpu, cuda): defined and implemented in pyvae._C.
+if _backend.EXTENSION_ERROR is None:
+    torch.library.register_fake("pyvae::kl_decomposition_forward")(_fake_forward)
+    torch.library.register_fake("pyvae::kl_decomposition_backward")(_fake_backward)
+    _register_autograd("pyvae::kl_decomposition_forward",
+                       torch.ops.pyvae.kl_decomposition_backward.default)
+
+
+# Triton: custom ops around the launchers in pyvae.kernels.kl_decomposition.
+@torch.library.custom_op("pyvae::kl_decomposition_forward_triton", mutates_args=())
+def _triton_forward(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                    log_weight_self: float, log_weight_next: float, log_weight_other: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels = _backend.triton_kernels("kl_decomposition")
+    return kernels.kl_decomposition_forward(z, mu, logvar, log_weight_self, log_weight_next,
+                                            log_weight_other)
+
+
+@torch.library.custom_op("pyvae::kl_decomposition_backward_triton", mutates_args=())
+def _triton_backward(grad_log_qz: torch.Tensor | None, grad_lse_marginal: torch.Tensor | None,
+                     z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                     log_qz: torch.Tensor, lse_marginal: torch.Tensor, log_weight_self: float,
+                     log_weight_next: float, log_weight_other: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _backend.triton_kernels("kl_decomposition")
+    return kernels.kl_decomposition_backward(grad_log_qz, grad_lse_marginal, z, mu, logvar,
+                                             log_qz, lse_marginal, log_weight_self,
+                                             log_weight_next, log_weight_other)
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+_register_autograd("pyvae::kl_decomposition_forward_triton", _triton_backward)
+
+
+def _kernel_op(backend: str):
+    if backend == "triton":
+        return _triton_forward
+    return torch.ops.pyvae.kl_decomposition_forward.default
+
+
+# ---- the public op ------------------------------------------------------------------------------
+
+def kl_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, dataset_size: int,
+                     *, estimator: str = "mws") -> KLTerms:
+    """Minibatch estimates of the β-TCVAE decomposition of the KL to the standard normal prior.
+
+    Args:
+        z: one sample per posterior, ``z_i ~ N(mu_i, exp(logvar_i))``, shape (B, D), B >= 2,
+            float16 / bfloat16 / float32 / float64.
+        mu: posterior means of the batch, shape (B, D), same dtype and device as ``z``.
+        logvar: posterior log-variances log σ², shape (B, D), same dtype and device.
+        dataset_size: N, the number of training points the batch is drawn from (an int >= B).
+        estimator: ``"mws"`` (minibatch-weighted sampling, weight 1/(N·B) for every pair) or
+            ``"mss"`` (minibatch-stratified sampling, Chen et al. 2018, Appendix C).
+
+    Returns:
+        :class:`KLTerms` of per-sample tensors of shape (B,) in nats: ``mi``, ``tc``,
+        ``dim_kl``, ``log_qz``, ``log_prod_qz``, ``log_qz_x`` and ``log_pz``; float32 (float64
+        for float64 inputs), accumulated in float32 for half-precision inputs. Differentiable
+        with respect to ``z``, ``mu`` and ``logvar``. The kernel backends use O(B·D) memory; the
+        reference backend materialises B×B×D elements.
+    """
+    _checks.check_float_tensor(OP, "z", z)
+    if z.dim() != 2:
+        raise ValueError(f"{OP}: z must be 2-D (batch, dim), got shape {tuple(z.shape)}")
+    _checks.check_like(OP, "mu", mu, "z", z)
+    _checks.check_like(OP, "logvar", logvar, "z", z)
+    batch, dim = z.shape
+    _check_sizes(batch, dataset_size)
+    if dim < 1:
+        raise ValueError(f"{OP}: z must have at least one latent dimension, got shape "
+                         f"{tuple(z.shape)}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{OP}: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _checks.check_finite(OP, z=z, mu=mu, logvar=logvar)
+
+    backend = _backend.resolve(OP, z.device)
+    if backend == "reference":
+        return kl_decomposition_reference(z, mu, logvar, dataset_size, estimator=estimator)
+    log_weights = pair_log_weights(estimator, batch, int(dataset_size))
+    log_qz, lse_marginal = _kernel_op(backend)(z.contiguous(), mu.contiguous(),
+                                               logvar.contiguous(), *log_weights)
+    return _terms(log_qz, lse_marginal.sum(-1), z, mu, logvar)

@@ -1,0 +1,395 @@
+"""pyvae.ops.kl_decomposition on every backend against the eager float64 reference."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import backend_params
+from pyvae.ops import (KLTerms, available_backends, kl_decomposition, kl_decomposition_reference,
+                       last_backend, mss_log_weights, nan_policy, use_backend)
+
+BACKENDS = backend_params()
+FIELDS = KLTerms._fields
+# (B, D): odd and even batches from the minimum of 2, D from 1 to 200.
+SHAPES = [(2, 1), (3, 7), (17, 33), (64, 200), (129, 5), (301, 16)]
+# The Triton interpreter runs kernels in numpy, one program at a time: small cases only.
+INTERPRETED_SHAPES = [(2, 1), (3, 7), (17, 33), (9, 130)]  # D > 128: the kernels' chunked-D path
+# Relative tolerances of the terms against the float64 reference, by input dtype. Half inputs
+# are compared with the reference of the same rounded inputs: only the float32 accumulation
+# differs, so their terms match as tightly as float32's; their gradients are rounded to the
+# input dtype.
+TERM_RTOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-6,
+             torch.bfloat16: 2e-6}
+GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3,
+             torch.bfloat16: 1.6e-2}
+
+
+def interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def shapes_for(backend, device):
+    return INTERPRETED_SHAPES if interpreted(backend, device) else SHAPES
+
+
+def make_inputs(batch, dim, dtype, device):
+    """A batch whose samples z_i are drawn from their own posteriors, rounded to ``dtype``."""
+    mu = torch.randn(batch, dim, dtype=torch.float64, device=device)
+    logvar = 0.5 * torch.randn(batch, dim, dtype=torch.float64, device=device)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    return z.to(dtype), mu.to(dtype), logvar.to(dtype)
+
+
+def run(backend, *args, **kwargs):
+    with use_backend(backend):
+        terms = kl_decomposition(*args, **kwargs)
+    assert last_backend("kl_decomposition") == backend
+    return terms
+
+
+def reference64(z, mu, logvar, dataset_size, estimator):
+    return kl_decomposition_reference(z.detach().double(), mu.detach().double(),
+                                      logvar.detach().double(), dataset_size,
+                                      estimator=estimator)
+
+
+def assert_terms_close(actual, expected, rtol, what):
+    """Every term within rtol of the reference, relative to the largest term's magnitude.
+
+    mi, tc and dim_kl are differences of log-densities summed over D, so their rounding error
+    scales with those sums rather than with the (possibly small) differences.
+    """
+    scale = max([1.0] + [getattr(expected, name).abs().max().item() for name in FIELDS])
+    for name in FIELDS:
+        a, e = getattr(actual, name).double(), getattr(expected, name).double()
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m: f"{name} ({what}): {m}")
+
+
+def assert_grad_close(actual, expected, rtol, what):
+    scale = max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def dataset_sizes(batch, dim, backend, device):
+    """N from the batch size itself to a million; one of them per shape when interpreted."""
+    sizes = [batch, 10 * batch + 3, 10**6]
+    return [sizes[(batch + dim) % 3]] if interpreted(backend, device) else sizes
+
+
+# ---- the MSS weights ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [2, 3, 5, 64])
+def test_mss_weights_sum_to_one_and_sit_where_stated(batch):
+    for n in [batch, batch + 1, 1000]:
+        log_w = mss_log_weights(batch, n)
+        assert log_w.shape == (batch, batch) and log_w.dtype == torch.float64
+        torch.testing.assert_close(log_w.exp().sum(1), torch.ones(batch, dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12)
+        w = log_w.exp()
+        for i in range(batch):
+            for j in range(batch):
+                if j == i:
+                    expected = 1 / n
+                elif j == (i + 1) % batch:
+                    expected = (n - batch + 1) / (n * (batch - 1))
+                else:
+                    expected = 1 / (batch - 1)
+                assert math.isclose(w[i, j].item(), expected, rel_tol=1e-12), (i, j, n)
+
+
+def test_mss_weights_are_not_the_strided_copy():
+    # The widely copied code strides by B instead of B + 1, putting 1/N in column 0 of every row.
+    w = mss_log_weights(6, 100).exp()
+    assert torch.all(w[1:, 0] > 1 / 100)
+    torch.testing.assert_close(torch.diagonal(w), torch.full((6,), 1 / 100, dtype=torch.float64))
+
+
+# ---- values -------------------------------------------------------------------------------------
+
+def test_reference_terms_are_consistent():
+    z, mu, logvar = make_inputs(23, 4, torch.float64, "cpu")
+    terms = kl_decomposition_reference(z, mu, logvar, 1000, estimator="mss")
+    posterior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    torch.testing.assert_close(terms.log_qz_x, posterior.log_prob(z).sum(1))
+    prior = torch.distributions.Normal(0.0, 1.0)
+    torch.testing.assert_close(terms.log_pz, prior.log_prob(z).sum(1))
+    torch.testing.assert_close(terms.mi + terms.tc + terms.dim_kl, terms.log_qz_x - terms.log_pz)
+    # MWS by brute force over the pairs
+    n, b = 1000, 23
+    log_q = torch.distributions.Normal(mu[None], torch.exp(0.5 * logvar[None])).log_prob(z[:, None])
+    expected = torch.logsumexp(log_q.sum(-1), 1) - math.log(n * b)
+    mws = kl_decomposition_reference(z, mu, logvar, n, estimator="mws")
+    torch.testing.assert_close(mws.log_qz, expected)
+    torch.testing.assert_close(mws.log_prod_qz,
+                               (torch.logsumexp(log_q, 1) - math.log(n * b)).sum(-1))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_matches_reference(backend, device, estimator, dtype):
+    for batch, dim in shapes_for(backend, device):
+        z, mu, logvar = make_inputs(batch, dim, dtype, device)
+        for n in dataset_sizes(batch, dim, backend, device):
+            terms = run(backend, z, mu, logvar, n, estimator=estimator)
+            assert isinstance(terms, KLTerms)
+            for name in FIELDS:
+                value = getattr(terms, name)
+                assert value.shape == (batch,) and value.dtype == dtype, name
+            assert_terms_close(terms, reference64(z, mu, logvar, n, estimator),
+                               TERM_RTOL[dtype], f"{batch}x{dim} N={n}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs(backend, device, dtype):
+    for batch, dim in shapes_for(backend, device)[1:4]:
+        z, mu, logvar = make_inputs(batch, dim, dtype, device)
+        terms = run(backend, z, mu, logvar, 5 * batch, estimator="mss")
+        assert all(getattr(terms, name).dtype == torch.float32 for name in FIELDS)
+        assert_terms_close(terms, reference64(z, mu, logvar, 5 * batch, "mss"),
+                           TERM_RTOL[dtype], f"{batch}x{dim}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_extreme_logvar(backend, device):
+    # Posteriors from very narrow to very wide: pair terms from ~-1e9 to ~0, all finite.
+    batch, dim = (9, 12) if interpreted(backend, device) else (33, 24)
+    z, mu, logvar = make_inputs(batch, dim, torch.float32, device)
+    logvar = torch.empty_like(mu).uniform_(-20, 20)
+    logvar[0, :4] = torch.tensor([-20.0, 20.0, -19.5, 19.5])
+    z = (mu.double() + torch.exp(0.5 * logvar.double()) * torch.randn_like(mu.double())).float()
+    for estimator in ["mws", "mss"]:
+        terms = run(backend, z, mu, logvar, 1000, estimator=estimator)
+        assert all(torch.isfinite(getattr(terms, name)).all() for name in FIELDS)
+        assert_terms_close(terms, reference64(z, mu, logvar, 1000, estimator), 2e-6, estimator)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    base_z, base_mu, base_lv = make_inputs(24, 40, torch.float32, device)
+    z, mu, logvar = base_z.t()[::2], base_mu.t()[::2], base_lv.t()[::2]  # (20, 24), strided
+    assert not z.is_contiguous()
+    terms = run(backend, z, mu, logvar, 100, estimator="mss")
+    assert_terms_close(terms, reference64(z, mu, logvar, 100, "mss"), 2e-6, "strided")
+
+
+# ---- gradients ----------------------------------------------------------------------------------
+
+def gradients(backend, z, mu, logvar, n, estimator, upstream):
+    """d(sum_k upstream[k] · term_k)/d(z, mu, logvar) from ``backend``, in the inputs' dtype."""
+    leaves = [t.detach().requires_grad_() for t in (z, mu, logvar)]
+    with use_backend(backend):
+        terms = kl_decomposition(*leaves, n, estimator=estimator)
+    outputs = [getattr(terms, name) for name in upstream]
+    grads = [upstream[name].to(out.dtype) for name, out in zip(upstream, outputs)]
+    # log_pz depends on z alone: the other gradients are zeros
+    return torch.autograd.grad(outputs, leaves, grads, allow_unused=True, materialize_grads=True)
+
+
+def reference_gradients(z, mu, logvar, n, estimator, upstream):
+    return gradients("reference", z.double(), mu.double(), logvar.double(), n, estimator,
+                     {k: v.double() for k, v in upstream.items()})
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+@pytest.mark.parametrize("dtype", list(GRAD_RTOL), ids=str)
+def test_gradients_match_reference(backend, device, estimator, dtype):
+    cases = shapes_for(backend, device)[:4] if dtype in (torch.float64, torch.float32) else \
+        shapes_for(backend, device)[1:3]
+    for batch, dim in cases:
+        z, mu, logvar = make_inputs(batch, dim, dtype, device)
+        n = 3 * batch
+        upstream = {name: torch.randn(batch, dtype=torch.float64, device=device)
+                    for name in FIELDS}
+        actual = gradients(backend, z, mu, logvar, n, estimator, upstream)
+        expected = reference_gradients(z, mu, logvar, n, estimator, upstream)
+        for name, a, e in zip(["z", "mu", "logvar"], actual, expected):
+            assert a.dtype == dtype
+            assert_grad_close(a, e, GRAD_RTOL[dtype], f"grad {name} {batch}x{dim}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("output", FIELDS)
+def test_gradient_of_each_output(backend, device, output):
+    # One output at a time: the kernels' backward sees a gradient for log_qz only, for
+    # lse_marginal only, or for neither (mi through log_qz_x, dim_kl through log_pz, ...).
+    batch, dim = (7, 5) if interpreted(backend, device) else (45, 19)
+    z, mu, logvar = make_inputs(batch, dim, torch.float64, device)
+    upstream = {output: torch.randn(batch, dtype=torch.float64, device=device)}
+    actual = gradients(backend, z, mu, logvar, 1000, "mss", upstream)
+    expected = reference_gradients(z, mu, logvar, 1000, "mss", upstream)
+    for name, a, e in zip(["z", "mu", "logvar"], actual, expected):
+        assert_grad_close(a, e, 1e-9, f"grad {name} of {output}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradients_extreme_logvar(backend, device):
+    batch, dim = (9, 6) if interpreted(backend, device) else (31, 10)
+    z, mu, _ = make_inputs(batch, dim, torch.float32, device)
+    logvar = torch.empty_like(mu).uniform_(-12, 12)
+    z = (mu.double() + torch.exp(0.5 * logvar.double()) * torch.randn_like(mu.double())).float()
+    upstream = {name: torch.randn(batch, dtype=torch.float64, device=device) for name in FIELDS}
+    actual = gradients(backend, z, mu, logvar, 500, "mss", upstream)
+    expected = reference_gradients(z, mu, logvar, 500, "mss", upstream)
+    for name, a, e in zip(["z", "mu", "logvar"], actual, expected):
+        assert torch.isfinite(a).all()
+        # grad_z of the narrowest posteriors is ~1e5 times the rest: compare per element too.
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4 * e.abs().median().item(),
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_gradcheck_float64(backend, estimator):
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} is not available")
+    z, mu, logvar = make_inputs(4, 3, torch.float64, "cpu")
+    inputs = [t.requires_grad_() for t in (z, mu, logvar)]
+
+    def fn(z, mu, logvar):
+        with use_backend(backend):
+            return tuple(kl_decomposition(z, mu, logvar, 10, estimator=estimator))
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ---- the estimators approach a closed form ----------------------------------------------------
+
+def gaussian_mixture_batch(cov, batch, s2, generator):
+    """Posteriors N(mu_j, s² I) with mu_j ~ N(0, cov - s² I): their mixture is N(0, cov)."""
+    dim = cov.shape[0]
+    chol = torch.linalg.cholesky(cov - s2 * torch.eye(dim, dtype=torch.float64))
+    mu = torch.randn(batch, dim, dtype=torch.float64, generator=generator) @ chol.T
+    logvar = torch.full_like(mu, math.log(s2))
+    z = mu + math.sqrt(s2) * torch.randn(batch, dim, dtype=torch.float64, generator=generator)
+    return z.float(), mu.float(), logvar.float()
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_total_correlation_of_a_known_gaussian(backend, device):
+    if interpreted(backend, device):
+        pytest.skip("B=2048 is too slow for the Triton interpreter")
+    covariances = [torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64),
+                   torch.tensor([[1.0, 0.6, 0.3], [0.6, 1.5, -0.5], [0.3, -0.5, 0.8]],
+                                dtype=torch.float64)]
+    generator = torch.Generator().manual_seed(0)
+    for cov in covariances:
+        exact = 0.5 * torch.log(torch.diagonal(cov)).sum() - 0.5 * torch.logdet(cov)
+        errors = {}
+        for batch in [64, 2048]:
+            z, mu, logvar = gaussian_mixture_batch(cov, batch, 0.1, generator)
+            terms = run(backend, z.to(device), mu.to(device), logvar.to(device), 10**6,
+                        estimator="mss")
+            errors[batch] = abs(terms.tc.double().mean().item() - exact.item())
+        assert errors[2048] < 0.1 * exact.item(), (cov, errors, exact)
+        assert errors[2048] < errors[64], (cov, errors)
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import torch
+    from pyvae.ops import kl_decomposition, use_backend
+
+    def peak_kb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+    torch.manual_seed(0)
+    B, D = 8192, 32
+    z, mu, logvar = (torch.randn(B, D, requires_grad=True) for _ in range(3))
+    with use_backend("cpu"):  # warm up allocator and threads on a small batch
+        kl_decomposition(z[:64], mu[:64], logvar[:64], 10**6, estimator="mss").tc.sum().backward()
+    before = peak_kb()
+    with use_backend("cpu"):
+        terms = kl_decomposition(z, mu, logvar, 10**6, estimator="mss")
+    (terms.mi + terms.tc + terms.dim_kl).sum().backward()
+    print((peak_kb() - before) * 1024)
+""")
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="no cpu backend")
+def test_memory_is_linear_in_the_batch():
+    # The reference would materialise B·B·D float32 pair terms: 8.6 GB (and more for autograd).
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True,
+                            text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    extra = int(result.stdout.strip().splitlines()[-1])
+    assert extra < 300 * 2**20, f"peak RSS grew by {extra / 2**20:.0f} MiB"
+
+
+# ---- compile, dispatch and bad inputs -----------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_torch_compile_fullgraph(backend, device):
+    batch, dim = (6, 3) if interpreted(backend, device) else (37, 8)
+    z, mu, logvar = (t.requires_grad_() for t in make_inputs(batch, dim, torch.float32, device))
+
+    def fn(z, mu, logvar):
+        with use_backend(backend):
+            terms = kl_decomposition(z, mu * 2, logvar, 1000, estimator="mss")
+        return terms.mi + 6.0 * terms.tc + terms.dim_kl
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    actual = compiled(z, mu, logvar)
+    expected = fn(z, mu, logvar)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-4)
+    grads = torch.autograd.grad(actual.sum(), (z, mu, logvar))
+    expected_grads = torch.autograd.grad(expected.sum(), (z, mu, logvar))
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_selection(monkeypatch):
+    z, mu, logvar = make_inputs(5, 3, torch.float32, "cpu")
+    kl_decomposition(z, mu, logvar, 100)
+    expected_auto = "cpu" if "cpu" in available_backends("cpu") else "reference"
+    assert last_backend("kl_decomposition") == expected_auto
+    monkeypatch.setenv("PYVAE_BACKEND", "reference")
+    kl_decomposition(z, mu, logvar, 100)
+    assert last_backend("kl_decomposition") == "reference"
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run tensors on cpu"):
+        with use_backend("cuda"):
+            kl_decomposition(z, mu, logvar, 100)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_bad_inputs(backend, device):
+    z, mu, logvar = make_inputs(4, 3, torch.float32, device)
+    cases = [
+        (dict(z=z.long()), TypeError, "z must be float16"),
+        (dict(z=z[0], mu=mu[0], logvar=logvar[0]), ValueError, r"z must be 2-D"),
+        (dict(mu=mu[:, :2]), ValueError, r"mu has shape \(4, 2\)"),
+        (dict(logvar=logvar[:3]), ValueError, r"logvar has shape \(3, 3\)"),
+        (dict(mu=mu.double()), TypeError, "mu is torch.float64"),
+        (dict(logvar=logvar.to("meta")), ValueError, "logvar is on meta"),
+        (dict(mu="x"), TypeError, "mu must be a torch.Tensor"),
+        (dict(z=z[:1], mu=mu[:1], logvar=logvar[:1]), ValueError, "at least 2 samples"),
+        (dict(z=z[:, :0], mu=mu[:, :0], logvar=logvar[:, :0]), ValueError,
+         "at least one latent dimension"),
+        (dict(dataset_size=3), ValueError, r"dataset_size \(3\) must be at least the batch"),
+        (dict(dataset_size=100.0), TypeError, "dataset_size must be an int, got float"),
+        (dict(dataset_size=True), TypeError, "dataset_size must be an int, got bool"),
+        (dict(estimator="mss2"), ValueError, "estimator must be one of"),
+    ]
+    with use_backend(backend):
+        for overrides, error, message in cases:
+            kwargs = dict(dict(z=z, mu=mu, logvar=logvar, dataset_size=100), **overrides)
+            with pytest.raises(error, match=message):
+                kl_decomposition(**kwargs)
+        bad = logvar.clone()
+        bad[1, 2] = float("nan")
+        terms = kl_decomposition(z, mu, bad, 100)  # default policy: NaN propagates
+        assert torch.isnan(terms.log_qz_x[1]) and not torch.isnan(terms.log_qz_x[0])
+        with nan_policy("raise"), pytest.raises(ValueError, match="logvar contains NaN"):
+            kl_decomposition(z, mu, bad, 100)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        mss_log_weights(1, 10)
