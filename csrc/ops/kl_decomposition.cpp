@@ -13,6 +13,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "ops/cuda_adapter.h"
 #include "ops/cuda/kl_decomposition.h"
 #endif
 
@@ -77,20 +78,6 @@ TORCH_LIBRARY_FRAGMENT(pyvae, m) {
 #ifdef PYVAE_WITH_CUDA
 namespace {
 
-cuda::ScalarKind scalar_kind(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::ScalarKind::kFloat32;
-    case at::kDouble: return cuda::ScalarKind::kFloat64;
-    case at::kHalf: return cuda::ScalarKind::kFloat16;
-    case at::kBFloat16: return cuda::ScalarKind::kBFloat16;
-    default: TORCH_CHECK(false, "kl_decomposition: unsupported dtype ", type);
-  }
-}
-
-const void* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cuda(
     const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, double log_weight_self,
     double log_weight_next, double log_weight_other) {
@@ -102,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cuda(
   cuda::KLDecompositionForward args{z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
                                     log_weight_self, log_weight_next, log_weight_other,
                                     log_qz.data_ptr(), lse_marginal.data_ptr(), z.size(0),
-                                    z.size(1), scalar_kind(z.scalar_type())};
+                                    z.size(1), cuda_scalar_kind(z.scalar_type())};
   const cudaError_t status =
       cuda::kl_decomposition_forward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_decomposition_forward (cuda): ",
@@ -127,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cuda(
                                      log_qz.data_ptr(), lse_marginal.data_ptr(), log_weight_self,
                                      log_weight_next, log_weight_other, grad_z.data_ptr(),
                                      grad_mu.data_ptr(), grad_logvar.data_ptr(), z.size(0),
-                                     z.size(1), scalar_kind(z.scalar_type())};
+                                     z.size(1), cuda_scalar_kind(z.scalar_type())};
   const cudaError_t status =
       cuda::kl_decomposition_backward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_decomposition_backward (cuda): ",

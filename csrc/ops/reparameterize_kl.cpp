@@ -10,6 +10,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "ops/cuda_adapter.h"
 #include "ops/cuda/reparameterize_kl.h"
 #endif
 
@@ -68,20 +69,6 @@ TORCH_LIBRARY_FRAGMENT(pyvae, m) {
 #ifdef PYVAE_WITH_CUDA
 namespace {
 
-cuda::ScalarKind scalar_kind(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::ScalarKind::kFloat32;
-    case at::kDouble: return cuda::ScalarKind::kFloat64;
-    case at::kHalf: return cuda::ScalarKind::kFloat16;
-    case at::kBFloat16: return cuda::ScalarKind::kBFloat16;
-    default: TORCH_CHECK(false, "reparameterize_kl: unsupported dtype ", type);
-  }
-}
-
-const void* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
-}
-
 const int64_t* seed_or_null(const std::optional<at::Tensor>& seed,
                             const std::optional<at::Tensor>& eps) {
   return eps.has_value() ? nullptr : seed->data_ptr<int64_t>();
@@ -98,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward_cuda(
   cuda::ReparameterizeKLForward args{mu.data_ptr(), logvar.data_ptr(), data_or_null(eps),
                                      seed_or_null(seed, eps), data_or_null(prior_mu),
                                      data_or_null(prior_logvar), z.data_ptr(), kl.data_ptr(),
-                                     mu.size(0), mu.size(1), scalar_kind(mu.scalar_type())};
+                                     mu.size(0), mu.size(1), cuda_scalar_kind(mu.scalar_type())};
   const cudaError_t status =
       cuda::reparameterize_kl_forward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "reparameterize_kl_forward (cuda): ",
@@ -124,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_bac
       data_or_null(prior_logvar), grad_mu.data_ptr(), grad_logvar.data_ptr(),
       has_prior ? grad_prior_mu.data_ptr() : nullptr,
       has_prior ? grad_prior_logvar.data_ptr() : nullptr, mu.size(0), mu.size(1),
-      scalar_kind(mu.scalar_type())};
+      cuda_scalar_kind(mu.scalar_type())};
   const cudaError_t status =
       cuda::reparameterize_kl_backward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "reparameterize_kl_backward (cuda): ",

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ops/cuda/device_math.cuh"
 #include "ops/cuda/kl_decomposition.h"
 
 namespace pyvae {
@@ -47,28 +48,6 @@ constexpr double kLog2E = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 constexpr double kLog2Pi = 1.8378770664093453;
 
-// The maths runs in float32 for float32/float16/bfloat16 inputs and in float64 for float64.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> x) {
-  if constexpr (std::is_same<T, __half>::value) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
-}
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float exp2_acc(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_acc(double x) { return exp2(x); }
 __device__ __forceinline__ float log2_acc(float x) { return log2f(x); }

@@ -17,7 +17,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "ops/cuda/reparameterize_kl.h"  // ScalarKind
+#include "ops/cuda/common.h"
 
 namespace pyvae {
 namespace cuda {

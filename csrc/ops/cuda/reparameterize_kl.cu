@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ops/cuda/device_math.cuh"
 #include "ops/cuda/reparameterize_kl.h"
 #include "ops/philox.h"
 
@@ -26,28 +27,6 @@ constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// The maths runs in float32 for float32/float16/bfloat16 inputs and in float64 for float64.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> x) {
-  if constexpr (std::is_same<T, __half>::value) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
-}
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
 // One group of 4 consecutive elements. The alignment makes a whole group a single 8-byte
 // (float16, bfloat16) or 16-byte (float32) access, and two 16-byte accesses for float64.

@@ -5,10 +5,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "ops/cuda/common.h"
+
 namespace pyvae {
 namespace cuda {
-
-enum class ScalarKind : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // All tensors are contiguous row-major (rows, cols) views, except kl / grad_kl: (rows,).
 // kl and grad_kl are float64 when the inputs are float64 and float32 otherwise.

@@ -1,0 +1,35 @@
+// Element-type plumbing shared by the CUDA kernels: the maths runs in float32 for
+// float32/float16/bfloat16 inputs and in float64 for float64 inputs.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+namespace pyvae {
+namespace cuda {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> x) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+}  // namespace cuda
+}  // namespace pyvae
