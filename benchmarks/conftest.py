@@ -97,7 +97,7 @@ def peak_memory_mb(fn, device) -> float | None:
             f.write("5")  # resets VmHWM to the current RSS
         before = _rss_kib("VmRSS")
         fn()
-        return (_rss_kib("VmHWM") - before) * 1024 / 1e6
+        return max(0, _rss_kib("VmHWM") - before) * 1024 / 1e6
     except OSError:
         return None
 
