@@ -3,11 +3,27 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <type_traits>
 
+#include "ops/cuda/common.h"
+
 namespace pyvae {
 namespace cuda {
+
+// Calls fn with a null pointer of the C++ element type of `kind` (the type is the argument):
+//   dispatch_scalar_kind(kind, [&](auto* tag) { return launch<std::remove_pointer_t<decltype(tag)>>(); })
+template <typename Fn>
+cudaError_t dispatch_scalar_kind(ScalarKind kind, Fn&& fn) {
+  switch (kind) {
+    case ScalarKind::kFloat32: return fn(static_cast<float*>(nullptr));
+    case ScalarKind::kFloat64: return fn(static_cast<double*>(nullptr));
+    case ScalarKind::kFloat16: return fn(static_cast<__half*>(nullptr));
+    case ScalarKind::kBFloat16: return fn(static_cast<__nv_bfloat16*>(nullptr));
+  }
+  return cudaErrorInvalidValue;
+}
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;

@@ -630,17 +630,9 @@ size_t element_size(ScalarKind kind) {
 
 cudaError_t kl_decomposition_forward(const KLDecompositionForward& args, cudaStream_t stream) {
   if (args.batch == 0) return cudaSuccess;
-  switch (args.kind) {
-    case ScalarKind::kFloat32:
-      return forward_typed<float>(args, stream);
-    case ScalarKind::kFloat64:
-      return forward_typed<double>(args, stream);
-    case ScalarKind::kFloat16:
-      return forward_typed<__half>(args, stream);
-    case ScalarKind::kBFloat16:
-      return forward_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_scalar_kind(args.kind, [&](auto* tag) {
+    return forward_typed<std::remove_pointer_t<decltype(tag)>>(args, stream);
+  });
 }
 
 cudaError_t kl_decomposition_backward(const KLDecompositionBackward& args, cudaStream_t stream) {
@@ -653,17 +645,9 @@ cudaError_t kl_decomposition_backward(const KLDecompositionBackward& args, cudaS
     if (err == cudaSuccess) err = cudaMemsetAsync(args.grad_logvar, 0, bytes, stream);
     return err;
   }
-  switch (args.kind) {
-    case ScalarKind::kFloat32:
-      return backward_typed<float>(args, stream);
-    case ScalarKind::kFloat64:
-      return backward_typed<double>(args, stream);
-    case ScalarKind::kFloat16:
-      return backward_typed<__half>(args, stream);
-    case ScalarKind::kBFloat16:
-      return backward_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_scalar_kind(args.kind, [&](auto* tag) {
+    return backward_typed<std::remove_pointer_t<decltype(tag)>>(args, stream);
+  });
 }
 
 }  // namespace cuda

@@ -402,33 +402,17 @@ cudaError_t reparameterize_kl_forward(const ReparameterizeKLForward& args, cudaS
     const size_t kl_bytes = args.kind == ScalarKind::kFloat64 ? sizeof(double) : sizeof(float);
     return cudaMemsetAsync(args.kl, 0, static_cast<size_t>(args.rows) * kl_bytes, stream);
   }
-  switch (args.kind) {
-    case ScalarKind::kFloat32:
-      return forward_typed<float>(args, stream);
-    case ScalarKind::kFloat64:
-      return forward_typed<double>(args, stream);
-    case ScalarKind::kFloat16:
-      return forward_typed<__half>(args, stream);
-    case ScalarKind::kBFloat16:
-      return forward_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_scalar_kind(args.kind, [&](auto* tag) {
+    return forward_typed<std::remove_pointer_t<decltype(tag)>>(args, stream);
+  });
 }
 
 cudaError_t reparameterize_kl_backward(const ReparameterizeKLBackward& args,
                                        cudaStream_t stream) {
   if (args.rows == 0 || args.cols == 0) return cudaSuccess;
-  switch (args.kind) {
-    case ScalarKind::kFloat32:
-      return backward_typed<float>(args, stream);
-    case ScalarKind::kFloat64:
-      return backward_typed<double>(args, stream);
-    case ScalarKind::kFloat16:
-      return backward_typed<__half>(args, stream);
-    case ScalarKind::kBFloat16:
-      return backward_typed<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_scalar_kind(args.kind, [&](auto* tag) {
+    return backward_typed<std::remove_pointer_t<decltype(tag)>>(args, stream);
+  });
 }
 
 }  // namespace cuda
