@@ -45,7 +45,7 @@ def extension():
 
 
 setup(
-    packages=["pyvae", "pyvae.ops", "pyvae.kernels"],
+    packages=["pyvae", "pyvae.ops", "pyvae.nn", "pyvae.kernels"],
     package_dir={"pyvae.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -4,6 +4,7 @@ from pyvae.ops._backend import available_backends, last_backend, requested_backe
 from pyvae.ops._checks import nan_policy
 from pyvae.ops.kl_decomposition import (KLTerms, kl_decomposition, kl_decomposition_reference,
                                         mss_log_weights)
+from pyvae.ops.masked_conv2d import masked_conv2d, masked_conv2d_mask, masked_conv2d_reference
 from pyvae.ops.reparameterize_kl import reparameterize_kl, reparameterize_kl_reference
 
 __all__ = [
@@ -12,6 +13,9 @@ __all__ = [
     "kl_decomposition",
     "kl_decomposition_reference",
     "last_backend",
+    "masked_conv2d",
+    "masked_conv2d_mask",
+    "masked_conv2d_reference",
     "mss_log_weights",
     "nan_policy",
     "reparameterize_kl",

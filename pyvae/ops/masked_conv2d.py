@@ -1,0 +1,233 @@
+"""Masked (PixelCNN) 2-D convolutions (van den Oord et al. 2016).
+
+A k×k convolution (k odd, stride 1, zero "same" padding, optional dilation) whose kernel only
+sees pixels before the output pixel in raster order: with centre c = k // 2, the tap (r, s) is
+allowed when r < c, or r == c and s < c. With ``color_channels = G`` the input and output
+channels are split into G contiguous groups; at the centre tap output group g reads input
+groups < g (mask type "A") or <= g (type "B"). Type A with G = 1 never reads the centre pixel.
+
+The kernel backends visit only the allowed taps (about half of the k² for type A), so they do
+about half the arithmetic of ``conv2d(x, weight * mask)``; masked weights are never read and
+their gradients are exactly 0.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from pyvae.ops import _backend, _checks
+
+OP = "masked_conv2d"
+MASK_TYPES = ("A", "B")
+
+
+def _mask_type_index(mask_type) -> int:
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"{OP}: mask_type must be 'A' or 'B', got {mask_type!r}")
+    return MASK_TYPES.index(mask_type)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{OP}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{OP}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_mask_args(out_channels, in_channels, kernel_size, mask_type, color_channels) -> None:
+    _check_int("out_channels", out_channels, 1)
+    _check_int("in_channels", in_channels, 1)
+    _check_int("kernel_size", kernel_size, 1)
+    if kernel_size % 2 != 1:
+        raise ValueError(f"{OP}: kernel_size must be odd, got {kernel_size}")
+    _mask_type_index(mask_type)
+    _check_int("color_channels", color_channels, 1)
+    if in_channels % color_channels or out_channels % color_channels:
+        raise ValueError(f"{OP}: color_channels ({color_channels}) must divide both in_channels "
+                         f"({in_channels}) and out_channels ({out_channels})")
+
+
+def masked_conv2d_mask(out_channels: int, in_channels: int, kernel_size: int,
+                       mask_type: str = "A", color_channels: int = 1, *,
+                       dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """The 0/1 mask of a PixelCNN kernel, shape (out_channels, in_channels, k, k).
+
+    1 at the taps above the centre row, left of the centre in the centre row, and at the centre
+    for the channel pairs (o, i) with group(i) < group(o) (type "A") or <= (type "B"), where
+    group(o) = o // (out_channels / G) and group(i) = i // (in_channels / G).
+    """
+    _check_mask_args(out_channels, in_channels, kernel_size, mask_type, color_channels)
+    c = kernel_size // 2
+    mask = torch.zeros(out_channels, in_channels, kernel_size, kernel_size, dtype=dtype,
+                       device=device)
+    mask[:, :, :c, :] = 1
+    mask[:, :, c, :c] = 1
+    group_out = torch.arange(out_channels, device=device) // (out_channels // color_channels)
+    group_in = torch.arange(in_channels, device=device) // (in_channels // color_channels)
+    if mask_type == "A":
+        centre = group_in[None, :] < group_out[:, None]
+    else:
+        centre = group_in[None, :] <= group_out[:, None]
+    mask[:, :, c, c] = centre.to(dtype)
+    return mask
+
+
+def masked_conv2d_reference(x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None = None, *, mask_type: str = "A",
+                            color_channels: int = 1, dilation: int = 1) -> torch.Tensor:
+    """Eager PyTorch version of the op, ``conv2d(x, weight * mask)``: the ground truth of the
+    tests and the eager baseline of the benchmarks. Same conventions as :func:`masked_conv2d`,
+    except that NaN or inf in ``x`` or at masked taps of ``weight`` also spread through the
+    masked taps (0 · NaN = NaN), which the kernels never read."""
+    out_channels, in_channels, k, _ = weight.shape
+    mask = masked_conv2d_mask(out_channels, in_channels, k, mask_type, color_channels,
+                              dtype=weight.dtype, device=weight.device)
+    return F.conv2d(x, weight * mask, bias, padding=dilation * (k // 2), dilation=dilation)
+
+
+# ---- the kernel ops: fake kernels and autograd, shared by the C++ and the Triton ops ----------
+
+def _fake_forward(x, weight, bias, mask_type, color_channels, dilation):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _fake_backward(grad_y, x, weight, mask_type, color_channels, dilation, output_mask):
+    return (torch.empty_like(x) if output_mask[0] else x.new_empty((0,)),
+            torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
+            weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask_type, color_channels, dilation = inputs
+    ctx.conv_args = (mask_type, color_channels, dilation)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _register_autograd(forward_name: str, backward_op) -> None:
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 ctx.has_bias and ctx.needs_input_grad[2])
+        grad_x, grad_weight, grad_bias = backward_op(grad_y.contiguous(), x, weight,
+                                                     *ctx.conv_args, list(needs))
+        return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
+                grad_bias if needs[2] else None, None, None, None)
+
+    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+
+
+# C++ (cpu, cuda): defined and implemented in pyvae._C.
+if _backend.EXTENSION_ERROR is None:
+    torch.library.register_fake("pyvae::masked_conv2d_forward")(_fake_forward)
+    torch.library.register_fake("pyvae::masked_conv2d_backward")(_fake_backward)
+    _register_autograd("pyvae::masked_conv2d_forward",
+                       torch.ops.pyvae.masked_conv2d_backward.default)
+
+
+# Triton: custom ops around the launchers in pyvae.kernels.masked_conv2d.
+@torch.library.custom_op("pyvae::masked_conv2d_forward_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    mask_type: int, color_channels: int, dilation: int) -> torch.Tensor:
+    kernels = _backend.triton_kernels("masked_conv2d")
+    return kernels.masked_conv2d_forward(x, weight, bias, MASK_TYPES[mask_type], color_channels,
+                                         dilation)
+
+
+@torch.library.custom_op("pyvae::masked_conv2d_backward_triton", mutates_args=())
+def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     mask_type: int, color_channels: int, dilation: int, output_mask: list[bool]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _backend.triton_kernels("masked_conv2d")
+    grads = kernels.masked_conv2d_backward(grad_y, x, weight, MASK_TYPES[mask_type],
+                                           color_channels, dilation, tuple(output_mask))
+    return tuple(x.new_empty((0,)) if g is None else g for g in grads)  # distinct: no aliasing
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+_register_autograd("pyvae::masked_conv2d_forward_triton", _triton_backward)
+
+
+def _kernel_op(backend: str):
+    if backend == "triton":
+        return _triton_forward
+    return torch.ops.pyvae.masked_conv2d_forward.default
+
+
+# ---- the public op ------------------------------------------------------------------------------
+
+def _check_args(x, weight, bias, mask_type, color_channels, dilation) -> None:
+    _checks.check_float_tensor(OP, "x", x)
+    _checks.check_float_tensor(OP, "weight", weight)
+    if x.dim() != 4:
+        raise ValueError(f"{OP}: x must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{OP}: weight must be 4-D (C_out, C_in, k, k), got shape "
+                         f"{tuple(weight.shape)}")
+    out_channels, in_channels, kh, kw = weight.shape
+    if kh != kw or kh % 2 != 1:
+        raise ValueError(f"{OP}: weight must have a square kernel of odd size k, got "
+                         f"{kh}x{kw}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{OP}: x has {x.shape[1]} channels but weight expects {in_channels} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if out_channels < 1:
+        raise ValueError(f"{OP}: weight must have at least one output channel")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{OP}: weight is {weight.dtype} but x is {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{OP}: weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        _checks.check_float_tensor(OP, "bias", bias)
+        if tuple(bias.shape) != (out_channels,):
+            raise ValueError(f"{OP}: bias must have shape ({out_channels},) (C_out,), got "
+                             f"{tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{OP}: bias is {bias.dtype} but x is {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{OP}: bias is on {bias.device} but x is on {x.device}")
+    _check_mask_args(out_channels, in_channels, kh, mask_type, color_channels)
+    _check_int("dilation", dilation, 1)
+
+
+def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  mask_type: str = "A", color_channels: int = 1,
+                  dilation: int = 1) -> torch.Tensor:
+    """PixelCNN masked convolution: stride 1, zero "same" padding, odd square kernels.
+
+    Args:
+        x: input images, shape (N, C_in, H, W), float16 / bfloat16 / float32 / float64. N may
+            be 0.
+        weight: kernel, shape (C_out, C_in, k, k) with k odd, same dtype and device as ``x``.
+            The entries at masked taps are ignored (they need not be zero) and get a zero
+            gradient.
+        bias: optional per-output-channel bias, shape (C_out,), same dtype and device.
+        mask_type: ``"A"`` (the centre pixel's own and later channel groups are hidden: the
+            first layer of a PixelCNN) or ``"B"`` (the centre pixel's own group is visible:
+            every later layer).
+        color_channels: G, the number of channel groups (e.g. 3 for RGB); must divide C_in and
+            C_out. With G = 1 the centre tap is fully masked (A) or fully visible (B).
+        dilation: spacing of the kernel taps in pixels (>= 1); the padding is
+            ``dilation * (k // 2)`` so the output keeps the input's H × W.
+
+    Returns:
+        ``y`` of shape (N, C_out, H, W) in ``x``'s dtype, equal to
+        ``conv2d(x, weight * masked_conv2d_mask(...), bias, padding=dilation * (k // 2),
+        dilation=dilation)``; half-precision inputs are accumulated in float32.
+        Differentiable with respect to ``x``, ``weight`` and ``bias``.
+    """
+    _check_args(x, weight, bias, mask_type, color_channels, dilation)
+    _checks.check_finite(OP, x=x, weight=weight, bias=bias)
+
+    backend = _backend.resolve(OP, x.device)
+    if backend == "reference":
+        return masked_conv2d_reference(x, weight, bias, mask_type=mask_type,
+                                       color_channels=color_channels, dilation=dilation)
+    return _kernel_op(backend)(x.contiguous(), weight.contiguous(),
+                               None if bias is None else bias.contiguous(),
+                               _mask_type_index(mask_type), int(color_channels), int(dilation))
