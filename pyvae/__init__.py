@@ -1,5 +1,5 @@
 """pyvae: fast, trustworthy VAE kernels and models for PyTorch."""
-from pyvae import nn, ops
+from pyvae import losses, nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "__version__"]
+__all__ = ["losses", "nn", "ops", "__version__"]
