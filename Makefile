@@ -25,7 +25,7 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton
-	$(PY) -m pip install numpy pybind11 ninja pytest pytest-benchmark setuptools wheel
+	$(PY) -m pip install numpy pybind11 ninja pytest pytest-benchmark setuptools wheel tqdm safetensors Pillow scikit-learn matplotlib
 	$(PY) -m pip install --no-build-isolation -e .
 	@touch $@
 
