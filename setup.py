@@ -46,7 +46,7 @@ def extension():
 
 setup(
     packages=["pyvae", "pyvae.ops", "pyvae.nn", "pyvae.models", "pyvae.data", "pyvae.train",
-              "pyvae.encode", "pyvae.kernels"],
+              "pyvae.kernels"],
     package_dir={"pyvae.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
