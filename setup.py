@@ -46,6 +46,7 @@ def extension():
 
 setup(
     packages=["pyvae", "pyvae.ops", "pyvae.nn", "pyvae.models", "pyvae.data", "pyvae.train",
+              "pyvae.encode",
               "pyvae.kernels"],
     package_dir={"pyvae.kernels": "kernels"},
     ext_modules=[extension()],

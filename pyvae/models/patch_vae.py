@@ -156,10 +156,16 @@ class PatchVAE(BaseVAE):
         check_images(f"{type(self).__name__}.{method}", x, self.channels,
                      (self.patch_size, self.patch_size))
 
+    @staticmethod
+    def preprocess(x: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: pixels in [0, 1] centred to [-1, 1] (pointwise, so the
+        stride-1 encoder applies it to whole images)."""
+        return 2.0 * x - 1.0
+
     def encode(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters mu, logvar (B, D) of patches (B, C, p, p) in [0, 1]."""
         self._check("encode", patches)
-        return self.encoder(2.0 * patches - 1.0).chunk(2, dim=-1)
+        return self.encoder(self.preprocess(patches)).chunk(2, dim=-1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Conditioning features (B, cond_channels, p, p) for z of shape (B, D)."""
