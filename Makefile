@@ -10,7 +10,7 @@ STAMP := $(VENV)/.pyvae-installed
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 CU_SOURCES := $(shell find csrc -name '*.cu')
 
-.PHONY: setup test demo bench cuda-check gpu-check clean
+.PHONY: setup test demo bench bench-quick cuda-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,11 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 test: setup cuda-check
 	$(PY) -m pytest tests
 
+# The main job on bundled photographs: train a patch VAE, encode at stride 1, report, draw.
 demo: setup
+	$(PY) -m pyvae.cli demo --out demo-output
+
+bench-quick: setup
 	$(PY) benchmarks/run.py --quick
 
 bench: setup

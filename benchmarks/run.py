@@ -6,8 +6,9 @@
 
 A saved file holds the device, versions, date, the measured copy bandwidth and, per case, the
 median time, achieved GB/s (minimal bytes over time), exponentials per second or TFLOP/s (useful
-work only: masked taps are not counted), the call's peak extra memory, and the ratios to eager
-PyTorch and torch.compile of the same run.
+work only: masked taps are not counted), items (images or patches) per second for the model
+benchmarks, the call's peak extra memory, and the ratios to eager PyTorch and torch.compile of
+the same run.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def summarise(raw: dict) -> dict:
         cases.append(dict(extra, median_ms=median * 1e3,
                           gbs=extra["bytes"] / median / 1e9 if "bytes" in extra else None,
                           gexps=extra["exps"] / median / 1e9 if "exps" in extra else None,
-                          tflops=extra["flops"] / median / 1e12 if "flops" in extra else None))
+                          tflops=extra["flops"] / median / 1e12 if "flops" in extra else None,
+                          items_per_s=extra["items"] / median if "items" in extra else None))
     for case in cases:
         same = {c["impl"]: c["median_ms"] for c in cases
                 if all(c.get(k) == case.get(k) for k in ("op", "shape", "dtype", "mode"))}
@@ -65,14 +67,15 @@ def summarise(raw: dict) -> dict:
 
 def table(result: dict, *, markdown: bool = False) -> str:
     head = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "G exp/s",
-            "TFLOP/s", "peak MB", "× eager", "× compile"]
+            "TFLOP/s", "items/s", "peak MB", "× eager", "× compile"]
     rows = []
     for c in result["cases"]:
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         rows.append([c["op"], c["shape"], c["dtype"], c["mode"], c["impl"],
                      fmt(c["median_ms"], ".3f"), fmt(c.get("gbs"), ".1f"),
                      fmt(c.get("pct_copy_bw"), ".0f"), fmt(c.get("gexps"), ".2f"),
-                     fmt(c.get("tflops"), ".3f"), fmt(c.get("peak_mb"), ".1f"),
+                     fmt(c.get("tflops"), ".3f"), fmt(c.get("items_per_s"), ".0f"),
+                     fmt(c.get("peak_mb"), ".1f"),
                      fmt(c.get("x_eager"), ".2f"), fmt(c.get("x_compile"), ".2f")])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 import torch
 
 import pyvae
+from pyvae import demo as demo_module
 from pyvae.ops import _backend
 
 
@@ -45,6 +48,374 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, script, *extra])
 
 
+# ---- pyvae train ------------------------------------------------------------------------------
+
+TRAIN_EPILOG = """\
+examples:
+  pyvae train --model VAE --data shapes2d --out runs/vae --steps 20000 --model-arg latent_dim=10
+  pyvae train --config runs/btcvae.json --out runs/btcvae --lr 5e-4 --resume
+  torchrun --nproc_per_node 4 -m pyvae.cli train --config cfg.json --gather-global-batch
+
+config file (JSON; every key optional, command-line flags override it):
+  {"model": {"name": "BetaTCVAE", "latent_dim": 10, "beta": 6},
+   "data": {"spec": "shapes2d", "size": 20000},
+   "eval_data": {"spec": "data/test.npy"},
+   "train": {"steps": 50000, "batch_size": 256, "lr": 1e-3, "eval_fraction": 0.05}}
+"train" takes the keyword arguments of pyvae.train.fit (out_dir included).
+
+A model's channels, image_size and dataset_size constructor arguments, when it has them and they
+are not given, come from the data: channels and image_size from the dataset's image_shape
+(C, H, W) (image_size is H for square images, else [H, W]), dataset_size is the number of
+training examples (after --eval-fraction). KEY=VALUE values are parsed as JSON, else kept as
+strings (latent_dim=10 is an int, beta=4.0 a float, name=foo the string "foo").
+
+Outputs in --out: config.json, metrics.jsonl (one JSON record per log step; "split": "eval"
+for evaluations) and checkpoint/ (model.safetensors, model.json, state.pt), which
+pyvae.train.load_model(path) turns back into a model."""
+
+# (flag, keyword argument of pyvae.train.fit, type, metavar, help); defaults come from fit.
+TRAIN_FLAGS = [
+    ("--steps", "steps", int, "N", "length of the run in optimizer steps (or --epochs)"),
+    ("--epochs", "epochs", int, "N", "length of the run in epochs (or --steps)"),
+    ("--stop-after", "stop_after", int, "STEP", "end this invocation at this step, with a "
+     "checkpoint (continue with --resume); the schedules still span the whole run"),
+    ("--batch-size", "batch_size", int, "B", "examples per step per process"),
+    ("--lr", "lr", float, "LR", "AdamW learning rate"),
+    ("--weight-decay", "weight_decay", float, "W", "AdamW decoupled weight decay"),
+    ("--lr-schedule", "lr_schedule", str, "{constant,cosine,linear}",
+     "learning-rate decay after the warm-up (cosine/linear reach 0 at the last step)"),
+    ("--lr-warmup-steps", "lr_warmup_steps", int, "N", "steps of linear learning-rate warm-up"),
+    ("--kl-schedule", "kl_schedule", str, "{linear,cyclical}",
+     "KL-weight schedule: linear warm-up, or cyclical annealing (Fu et al. 2019)"),
+    ("--kl-warmup-steps", "kl_warmup_steps", int, "N",
+     "linear schedule: steps over which the KL weight ramps from 0 to 1"),
+    ("--kl-cycle-steps", "kl_cycle_steps", int, "N", "cyclical schedule: steps per cycle"),
+    ("--kl-cycle-ramp", "kl_cycle_ramp", float, "F",
+     "cyclical schedule: fraction of each cycle spent ramping from 0 to 1"),
+    ("--grad-clip", "grad_clip", float, "NORM", "clip the gradients' global L2 norm"),
+    ("--precision", "precision", str, "{fp32,bf16,fp16}",
+     "autocast precision (fp16 uses a gradient scaler)"),
+    ("--eval-fraction", "eval_fraction", float, "F",
+     "hold out this fraction of the data for evaluation (chosen by --seed)"),
+    ("--eval-every", "eval_every", int, "N", "evaluate every N steps (default: at the end)"),
+    ("--eval-batches", "eval_batches", int, "N", "evaluation batches (default: all)"),
+    ("--log-every", "log_every", int, "N", "write a metrics record every N steps"),
+    ("--checkpoint-every", "checkpoint_every", int, "N", "checkpoint every N steps"),
+    ("--seed", "seed", int, "S", "seed of model initialisation, data order and noise"),
+    ("--num-workers", "num_workers", int, "N", "DataLoader worker processes per process"),
+    ("--device", "device", str, "DEV",
+     "e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu; cuda:LOCAL_RANK under "
+     "torchrun)"),
+]
+
+
+def _fit_defaults() -> dict:
+    from pyvae.train import fit
+    return {name: p.default for name, p in inspect.signature(fit).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    defaults = _fit_defaults()
+    train = sub.add_parser(
+        "train", help="train a model (pyvae.train.fit) and write logs and checkpoints",
+        description="Train a pyvae model on a dataset: AdamW, learning-rate and KL schedules, "
+                    "mixed precision, evaluation, JSON-lines metrics, atomic checkpoints and "
+                    "exact resume; data-parallel across processes under torchrun.",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = train.add_argument_group("model and data")
+    what.add_argument("--config", metavar="FILE",
+                      help='JSON file with "model", "data", "eval_data" and "train" sections')
+    what.add_argument("--model", metavar="NAME",
+                      help="registered model class, e.g. VAE, BetaTCVAE, PatchVAE, "
+                           "HierarchicalVAE, CapacityAE")
+    what.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                      help="model constructor argument (repeatable)")
+    what.add_argument("--data", metavar="SPEC",
+                      help="pyvae.data.load_dataset spec: shapes2d, digits, photos, a folder of "
+                           "images or an .npy file")
+    what.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                      help="load_dataset option (repeatable)")
+    what.add_argument("--eval-data", metavar="SPEC", help="a separate evaluation dataset")
+    what.add_argument("--eval-data-arg", action="append", default=[], metavar="KEY=VALUE",
+                      help="load_dataset option of --eval-data (repeatable)")
+    what.add_argument("--out", metavar="DIR", help="run directory (required here or as "
+                                                   "train.out_dir in --config)")
+    run = train.add_argument_group("training (pyvae.train.fit arguments)")
+    for flag, name, kind, metavar, text in TRAIN_FLAGS:
+        default = defaults.get(name)
+        suffix = f" (default: {default})" if default is not None and name != "device" else ""
+        run.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text + suffix)
+    run.add_argument("--betas", nargs=2, type=float, metavar=("B1", "B2"),
+                     help=f"AdamW betas (default: {' '.join(map(str, defaults['betas']))})")
+    run.add_argument("--resume", action="store_true", default=None,
+                     help="continue the run in --out from its checkpoint (starts afresh if "
+                          "there is none)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                     help="no progress bar")
+    run.add_argument("--gather-global-batch", action="store_true", default=None,
+                     help="models with whole-batch statistics (BetaTCVAE) gather the batch of "
+                          "all processes")
+    train.set_defaults(func=cmd_train)
+    return train
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values
+
+
+def _section(config: dict, name: str) -> dict:
+    value = config.get(name, {})
+    if not isinstance(value, dict):
+        raise _UsageError(f'--config: "{name}" must be a JSON object, got {value!r}')
+    return dict(value)
+
+
+def _load_dataset(spec: str, options: dict):
+    try:
+        from pyvae.data import load_dataset
+    except ImportError as error:
+        raise _UsageError(f"--data needs pyvae.data.load_dataset, which cannot be imported "
+                          f"({error})") from None
+    return load_dataset(spec, **options)
+
+
+def _data_kwargs(model_class, given: dict, dataset, train: dict) -> dict:
+    """The model constructor's channels / image_size / dataset_size that ``given`` lacks, from
+    the data (dataset_size: the training examples left after ``train``'s eval_fraction)."""
+    from pyvae.train import collate_images, split_dataset
+    wanted = [name for name in ("channels", "image_size", "dataset_size")
+              if name in inspect.signature(model_class).parameters and name not in given]
+    values = {}
+    if "channels" in wanted or "image_size" in wanted:
+        shape = getattr(dataset, "image_shape", None) or collate_images([dataset[0]]).shape[1:]
+        channels, height, width = (int(n) for n in shape)
+        values["channels"] = channels
+        values["image_size"] = height if height == width else [height, width]
+    if "dataset_size" in wanted:
+        try:
+            split = split_dataset(dataset, train.get("eval_fraction", 0.0), train.get("seed", 0))
+        except ValueError as error:
+            raise _UsageError(f"--eval-fraction: {error}") from None
+        values["dataset_size"] = len(split[0])
+    return {name: values[name] for name in wanted}
+
+
+def _train_settings(args) -> tuple[dict, dict, dict | None, dict]:
+    """Merge --config and the flags into (model, data, eval_data, train) sections."""
+    config = {}
+    if args.config:
+        with open(args.config) as file:
+            config = json.load(file)
+        unknown = set(config) - {"model", "data", "eval_data", "train"}
+        if unknown:
+            raise _UsageError(f"--config: unknown sections {sorted(unknown)}; expected model, "
+                              f"data, eval_data, train")
+    model = _section(config, "model")
+    if args.model:
+        model["name"] = args.model
+    model.update(_key_values(args.model_arg, "--model-arg"))
+    data = _section(config, "data")
+    if args.data:
+        data["spec"] = args.data
+    data.update(_key_values(args.data_arg, "--data-arg"))
+    eval_data = _section(config, "eval_data") or None
+    if args.eval_data:
+        eval_data = {**(eval_data or {}), "spec": args.eval_data}
+    if args.eval_data_arg:
+        if eval_data is None:
+            raise _UsageError("--eval-data-arg needs --eval-data")
+        eval_data.update(_key_values(args.eval_data_arg, "--eval-data-arg"))
+    train = _section(config, "train")
+    for name in [name for _, name, *_ in TRAIN_FLAGS] + ["betas", "resume", "progress",
+                                                        "gather_global_batch"]:
+        if getattr(args, name) is not None:
+            train[name] = getattr(args, name)
+    # A run's length given on the command line replaces the config's, whichever unit it uses.
+    if args.steps is not None:
+        train.pop("epochs", None)
+    if args.epochs is not None:
+        train.pop("steps", None)
+    if args.out:
+        train["out_dir"] = args.out
+    accepted = set(_fit_defaults()) - {"eval_dataset", "extra_config"} | {"out_dir"}
+    unknown = set(train) - accepted
+    if unknown:
+        raise _UsageError(f'unknown training options {sorted(unknown)} in "train"; '
+                          f"pyvae.train.fit accepts {sorted(accepted)}")
+    for section, key, flag in [(model, "name", "--model"), (data, "spec", "--data"),
+                               (train, "out_dir", "--out")]:
+        if key not in section:
+            raise _UsageError(f"{flag} is required (or give it in --config)")
+    if eval_data is not None and "spec" not in eval_data:
+        raise _UsageError('--config: "eval_data" needs a "spec"')
+    return model, data, eval_data, train
+
+
+def cmd_train(args) -> int:
+    """Build the model and data from the flags and config, and run pyvae.train.fit."""
+    from pyvae.models import MODELS
+    from pyvae.train import TrainingDiverged, fit
+    try:
+        model_config, data_config, eval_config, train = _train_settings(args)
+        name = model_config.pop("name")
+        if name not in MODELS:
+            raise _UsageError(f"--model: unknown model {name!r}; registered: {sorted(MODELS)}")
+        data_options = {k: v for k, v in data_config.items() if k != "spec"}
+        dataset = _load_dataset(data_config["spec"], data_options)
+        if eval_config is not None:
+            train["eval_dataset"] = _load_dataset(
+                eval_config["spec"], {k: v for k, v in eval_config.items() if k != "spec"})
+        model_config.update(_data_kwargs(MODELS[name], model_config, dataset, train))
+    except _UsageError as error:
+        print(f"pyvae train: error: {error}", file=sys.stderr)
+        return 2
+    train.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(train.get("seed", 0))  # the initial weights depend on the seed alone
+    model = MODELS[name](**model_config)
+    try:
+        result = fit(model, dataset, **train,
+                     extra_config={"data": data_config, "eval_data": eval_config})
+    except FileExistsError as error:
+        print(f"pyvae train: error: {error} (on the command line: --resume)", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"pyvae train: {error}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = "".join(f", {key} {value:.4g}" for key, value in result.metrics.items()
+                          if isinstance(value, float))
+        print(f"pyvae train: step {result.step} (epoch {result.epoch:.2f}){summary}")
+        print(f"  checkpoint: {result.checkpoint}\n  metrics:    {result.metrics_path}")
+    return 0
+
+
+# ---- pyvae encode -----------------------------------------------------------------------------
+
+ENCODE_EPILOG = """\
+examples:
+  pyvae encode runs/patch9 data/images/ features/ --size 256 --crop 256
+  pyvae encode runs/patch9 data/images.npy features/ --dtype float32 --logvar
+  pyvae encode runs/patch9 data/images/ features/ --resume       # continue a killed run
+  torchrun --nproc_per_node 4 -m pyvae.cli encode runs/patch9 data/images/ features/
+
+OUT is a directory that numpy reads without pyvae:
+  features.npy   (N, D, H-p+1, W-p+1) posterior means; features[n, :, y, x] is the code of the
+                 p x p patch of image n with top-left corner (y, x)
+  logvar.npy     the log-variances (--logvar)
+  valid.npy      (N,) bool, False for unreadable images (their rows are NaN)
+  manifest.json  image names in row order, skipped images and why, model config and hash,
+                 source fingerprint, "complete"
+Each chunk is fsync'ed before it is marked done (OUT/chunks/), so a killed run continues with
+--resume and gives the same bytes; resuming with another model, source or --dtype/--logvar/
+--precision/--chunk-size/--size/--crop/--grayscale is refused."""
+
+
+def _size_arg(text: str):
+    """'256' -> 256 (the shorter side); '256x192' or '256,192' -> (256, 192) (height, width)."""
+    parts = text.replace(",", "x").split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes, got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def add_encode_parser(sub) -> argparse.ArgumentParser:
+    from pyvae.encode import encode_dataset
+    defaults = {name: p.default for name, p in inspect.signature(encode_dataset).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    encode = sub.add_parser(
+        "encode", help="encode every patch (stride 1) of an image collection into a feature "
+                       "store (pyvae.encode.encode_dataset)",
+        description="Run a trained patch VAE's encoder over every p x p patch, at stride 1, of "
+                    "every image of a collection, streaming it to disk in resumable chunks; "
+                    "data-parallel across processes under torchrun.",
+        epilog=ENCODE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    encode.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a training run or checkpoint directory (pyvae.train.load_model)")
+    encode.add_argument("source", metavar="SOURCE",
+                        help="a folder of PNG/JPEG images (recursive), an .npy file of images, "
+                             "or another pyvae.data.load_dataset spec")
+    encode.add_argument("out", metavar="OUT", help="the feature store directory to write")
+    encode.add_argument("--batch-size", type=int, default=defaults["batch_size"], metavar="B",
+                        help="images per forward pass (default: %(default)s)")
+    encode.add_argument("--chunk-size", type=int, default=defaults["chunk_size"], metavar="N",
+                        help="images per chunk, the unit of writing and resuming "
+                             "(default: %(default)s)")
+    encode.add_argument("--dtype", choices=["float16", "float32"], default=defaults["dtype"],
+                        help="stored dtype (default: %(default)s)")
+    encode.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="autocast compute precision (default: fp32)")
+    encode.add_argument("--logvar", action="store_true",
+                        help="also store the posterior log-variances (logvar.npy)")
+    encode.add_argument("--resume", action="store_true",
+                        help="continue the store in OUT (starts one if there is none)")
+    encode.add_argument("--device", metavar="DEV",
+                        help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu; "
+                             "cuda:LOCAL_RANK under torchrun)")
+    encode.add_argument("--num-workers", type=int, default=defaults["num_workers"], metavar="N",
+                        help="DataLoader processes decoding images (default: %(default)s)")
+    encode.add_argument("--size", type=_size_arg, metavar="N|HxW",
+                        help="folders: resize first, N = shorter side (aspect kept) or HxW")
+    encode.add_argument("--crop", type=_size_arg, metavar="N|HxW",
+                        help="folders: then cut the centre N x N or H x W region")
+    encode.add_argument("--grayscale", action="store_true", default=None,
+                        help="folders: read images as 1 channel (default: when the model reads "
+                             "1 channel)")
+    encode.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar")
+    encode.set_defaults(func=cmd_encode)
+    return encode
+
+
+def cmd_encode(args) -> int:
+    """Load the checkpoint's model and run pyvae.encode.encode_dataset."""
+    from pyvae.encode import StoreError, encode_dataset
+    from pyvae.train import load_model
+    try:
+        model = load_model(args.checkpoint)
+    except (OSError, ValueError) as error:
+        print(f"pyvae encode: error: CHECKPOINT: {error}", file=sys.stderr)
+        return 2
+    device = args.device
+    if device is None and "RANK" not in os.environ and torch.cuda.is_available():
+        device = "cuda"
+    try:
+        result = encode_dataset(
+            model, args.source, args.out, batch_size=args.batch_size,
+            chunk_size=args.chunk_size, dtype=args.dtype, precision=args.precision,
+            with_logvar=args.logvar, resume=args.resume, num_workers=args.num_workers,
+            device=device, progress=args.progress, size=args.size, crop=args.crop,
+            grayscale=args.grayscale)
+    except (StoreError, OSError, ValueError) as error:
+        print(f"pyvae encode: error: {error}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pyvae encode: {result.encoded} images in {result.seconds:.1f} s "
+              f"({result.images_per_second:.1f} images/s); store {result.path}, features "
+              f"{tuple(result.shape)} {args.dtype}")
+        if result.skipped:
+            print(f"  {len(result.skipped)} unreadable image(s) left as NaN rows (listed in "
+                  f"{result.path / 'manifest.json'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvae", description=pyvae.__doc__)
     parser.add_argument("--version", action="version", version=f"pyvae {pyvae.__version__}")
@@ -53,10 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmark the ops against eager PyTorch and "
                                          "torch.compile (source checkout)")
-    bench.add_argument("--quick", action="store_true", help="the small `make demo` subset")
+    bench.add_argument("--quick", action="store_true", help="a small subset of the cases")
     bench.add_argument("--save", metavar="DIR", help="save the results JSON into DIR")
     bench.add_argument("-k", dest="select", help="pytest -k expression selecting cases")
     bench.set_defaults(func=cmd_bench)
+    add_train_parser(sub)
+    add_encode_parser(sub)
+    demo = sub.add_parser("demo", help="the main job on bundled photographs: train a patch VAE, "
+                                       "encode at stride 1, report, draw (`make demo`)",
+                          description=demo_module.__doc__)
+    demo_module.add_arguments(demo)
+    demo.set_defaults(func=lambda args: demo_module.main_from_args(args))
     return parser
 
 

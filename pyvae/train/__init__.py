@@ -1,0 +1,11 @@
+"""Training pyvae models: :func:`fit` (AdamW, LR and KL schedules, mixed precision, evaluation,
+JSON-lines metrics, atomic checkpoints, exact resume, DistributedDataParallel under torchrun) and
+the checkpoint helpers."""
+from pyvae.train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from pyvae.train.loop import (FitResult, TrainingDiverged, collate_images, fit,
+                              split_dataset)
+from pyvae.train.metrics import read_metrics
+from pyvae.train.sampler import ShardedBatchSampler
+
+__all__ = ["FitResult", "ShardedBatchSampler", "TrainingDiverged", "collate_images", "fit",
+           "load_checkpoint", "load_model", "read_metrics", "save_checkpoint", "split_dataset"]

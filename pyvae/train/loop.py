@@ -1,0 +1,552 @@
+"""The training loop: :func:`fit`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from pyvae.models import BaseVAE
+from pyvae.train import distributed
+from pyvae.train.checkpoint import (CONFIG, LINK, capture_rng_state, checkpoint_dir,
+                                    load_checkpoint, remove_stale_checkpoints, restore_rng_state,
+                                    save_checkpoint)
+from pyvae.train.metrics import MetricLayout, MetricsLog
+from pyvae.train.sampler import (EVAL_NOISE, NOISE, SPLIT, WORKERS, ShardedBatchSampler,
+                                 derived_seed)
+from pyvae.train.schedules import KL_SCHEDULES, LR_SCHEDULES, kl_weight, lr_factor
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATE_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step produced a non-finite loss (or metric); the step was not applied.
+
+    Attributes:
+        step: the 1-based number of the offending optimizer step.
+        metrics: the step's metrics (global-batch means).
+        nonfinite: the names of the non-finite ones.
+        checkpoint: the last good checkpoint on disk, or None if none was written.
+    """
+
+    def __init__(self, step: int, metrics: dict, nonfinite: list[str], checkpoint: Path | None):
+        self.step, self.metrics, self.nonfinite, self.checkpoint = (step, metrics, nonfinite,
+                                                                    checkpoint)
+        values = ", ".join(f"{name}={metrics[name]}" for name in nonfinite)
+        where = (f"the last good checkpoint is {str(checkpoint)!r}" if checkpoint is not None
+                 else "no checkpoint was written")
+        super().__init__(f"training diverged at step {step}: non-finite {values}; the step was "
+                         f"not applied and {where}")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        step: optimizer steps taken in total (by this call and the runs it resumed).
+        epoch: ``step / steps_per_epoch`` (fractional).
+        metrics: the last training log record's model metrics (means over its log window).
+        eval_metrics: the last evaluation's metrics, or None.
+        out_dir: the run directory.
+        checkpoint: ``out_dir/checkpoint``, or None if no checkpoint exists.
+        metrics_path: ``out_dir/metrics.jsonl``.
+    """
+
+    step: int
+    epoch: float
+    metrics: dict
+    eval_metrics: dict | None
+    out_dir: Path
+    checkpoint: Path | None
+    metrics_path: Path
+
+
+def collate_images(items: list) -> torch.Tensor:
+    """Stack dataset items into a (B, C, H, W) batch; an item that is a tuple or list (e.g.
+    ``(image, label)``) contributes its first element."""
+    images = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
+    return torch.stack([torch.as_tensor(image) for image in images])
+
+
+def split_dataset(dataset: Dataset, eval_fraction: float, seed: int = 0
+                  ) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``round(eval_fraction * len(dataset))`` examples (at least one) chosen by
+    ``seed``; returns ``(train, eval)`` Subsets (``(dataset, None)`` when the fraction is 0)."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0.0:
+        return dataset, None
+    n = len(dataset)
+    n_eval = max(1, round(eval_fraction * n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, SPLIT)))
+    return (Subset(dataset, sorted(order[n_eval:].tolist())),
+            Subset(dataset, sorted(order[:n_eval].tolist())))
+
+
+def _validate(steps, epochs, stop_after, batch_size, lr, weight_decay, betas, lr_schedule,
+              lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp,
+              grad_clip, precision, eval_dataset, eval_fraction, eval_every, eval_batches,
+              log_every, checkpoint_every, seed, num_workers) -> None:
+    def positive_int(name, value, optional=True):
+        if value is None and optional:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"fit: {name} must be a positive int{' or None' * optional}, "
+                             f"got {value!r}")
+
+    def nonnegative_int(name, value):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"fit: {name} must be a non-negative int, got {value!r}")
+
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"fit: give exactly one of steps and epochs (got steps={steps!r}, "
+                         f"epochs={epochs!r})")
+    for name, value in [("steps", steps), ("epochs", epochs), ("stop_after", stop_after),
+                        ("eval_every", eval_every), ("eval_batches", eval_batches),
+                        ("log_every", log_every), ("checkpoint_every", checkpoint_every),
+                        ("kl_cycle_steps", kl_cycle_steps)]:
+        positive_int(name, value)
+    positive_int("batch_size", batch_size, optional=False)
+    for name, value in [("lr_warmup_steps", lr_warmup_steps), ("kl_warmup_steps", kl_warmup_steps),
+                        ("seed", seed), ("num_workers", num_workers)]:
+        nonnegative_int(name, value)
+    if not lr > 0:
+        raise ValueError(f"fit: lr must be positive, got {lr!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"fit: weight_decay must be non-negative, got {weight_decay!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"fit: betas must be two numbers in [0, 1), got {betas!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"fit: lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if kl_schedule not in KL_SCHEDULES:
+        raise ValueError(f"fit: kl_schedule must be one of {KL_SCHEDULES}, got {kl_schedule!r}")
+    if kl_schedule == "cyclical" and kl_cycle_steps is None:
+        raise ValueError("fit: kl_schedule='cyclical' needs kl_cycle_steps (the cycle length)")
+    if not 0.0 < kl_cycle_ramp <= 1.0:
+        raise ValueError(f"fit: kl_cycle_ramp must be in (0, 1], got {kl_cycle_ramp!r}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"fit: grad_clip must be positive or None, got {grad_clip!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"fit: precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"fit: eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    if eval_dataset is not None and eval_fraction > 0:
+        raise ValueError("fit: give eval_dataset or eval_fraction, not both")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(staged, path)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
+        steps: int | None = None, epochs: int | None = None, stop_after: int | None = None,
+        batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999), lr_schedule: str = "constant",
+        lr_warmup_steps: int = 0, kl_schedule: str = "linear", kl_warmup_steps: int = 0,
+        kl_cycle_steps: int | None = None, kl_cycle_ramp: float = 0.5,
+        grad_clip: float | None = None, precision: str = "fp32",
+        eval_dataset: Dataset | None = None, eval_fraction: float = 0.0,
+        eval_every: int | None = None, eval_batches: int | None = None, log_every: int = 50,
+        checkpoint_every: int | None = 1000, resume: bool = False, seed: int = 0,
+        num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True,
+        gather_global_batch: bool = False, extra_config: dict | None = None) -> FitResult:
+    """Train ``model`` on ``dataset`` with AdamW, logging, evaluating and checkpointing into
+    ``out_dir``; exactly resumable, and distributed under ``torchrun``.
+
+    Every step draws a global batch from a permutation of the training set that depends only on
+    ``(seed, epoch)`` (see :mod:`pyvae.train.sampler`), calls ``model.loss(x, kl_weight)``,
+    back-propagates ``loss`` and takes an AdamW step. Under ``torchrun`` (RANK / WORLD_SIZE /
+    LOCAL_RANK set, or an initialised process group) the model is wrapped in
+    DistributedDataParallel and every rank trains on its ``batch_size`` slice of each global
+    batch of ``batch_size * world_size`` examples; rank 0 alone logs, shows progress and
+    writes files.
+
+    Args:
+        model: a :class:`pyvae.models.BaseVAE` (its ``config`` is saved with the weights).
+        dataset: items are (C, H, W) float tensors in [0, 1], or tuples/lists whose first
+            element is one.
+        out_dir: the run directory: ``config.json`` (model config, these arguments, dataset
+            sizes and ``extra_config``), ``metrics.jsonl`` and ``checkpoint/``.
+        steps, epochs: the run's length: exactly one of them. An epoch is
+            ``len(train set) // (batch_size * world_size)`` steps (the last partial global
+            batch of each epoch's permutation is dropped).
+        stop_after: end this call once the total step count reaches ``stop_after`` (with a
+            checkpoint), e.g. to fit a job's time limit; ``resume=True`` continues the run. The
+            schedules still span ``steps`` / ``epochs``.
+        batch_size: examples per step per process.
+        lr, weight_decay, betas: AdamW's learning rate, decoupled weight decay and betas.
+        lr_schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` decay to 0 at the last step,
+            after ``lr_warmup_steps`` steps of linear warm-up
+            (:func:`pyvae.train.schedules.lr_factor`).
+        kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp: the ``kl_weight`` passed to
+            ``model.loss``: ``"linear"`` ramps from 0 to 1 over ``kl_warmup_steps`` (0: always
+            1); ``"cyclical"`` repeats cycles of ``kl_cycle_steps`` steps, ramping over their
+            first ``kl_cycle_ramp`` fraction (:func:`pyvae.train.schedules.kl_weight`).
+        grad_clip: clip the gradients' global L2 norm to this (logged as ``grad_norm``).
+        precision: ``"fp32"``; ``"bf16"`` or ``"fp16"`` run the loss under ``torch.autocast``
+            on the model's device type (fp16 with a GradScaler).
+        eval_dataset: a held-out dataset to evaluate on; or ``eval_fraction``: hold out this
+            fraction of ``dataset``, chosen by ``seed`` (:func:`split_dataset`).
+        eval_every: evaluate every this many steps (None: only at the end of the run).
+            Evaluation runs ``model.loss(x, kl_weight=1.0)`` in eval mode without gradients on
+            ``eval_batches`` global batches (None: all full batches), with noise drawn from a
+            fixed seed so that evaluations are comparable and training's RNG is untouched.
+        log_every: write a training record every this many steps (and at the end of a call).
+        checkpoint_every: checkpoint every this many steps (None: only at the end of a call).
+        resume: continue from ``out_dir/checkpoint`` when there is one (else start afresh, so
+            a preemptible job can always pass True). Without it, an existing checkpoint is an
+            error rather than being overwritten.
+        seed: seeds the data order, the held-out split, and (for a fresh run) torch's, Python's
+            and NumPy's global generators, which the model's sampling noise uses (each rank
+            with its own seed derived from ``seed``).
+        num_workers: DataLoader worker processes per rank.
+        device: where to train (None: the model's device; under torchrun ``cuda:LOCAL_RANK``
+            when CUDA is available, else the CPU). The model is moved there.
+        progress: show a tqdm progress bar with loss, distortion (nats) and rate (bits).
+        gather_global_batch: set ``model.gather_global_batch = True`` (models whose loss uses
+            statistics of the whole batch, e.g. BetaTCVAE, then gather it across ranks).
+        extra_config: more JSON-serialisable entries for ``config.json`` (the CLI records the
+            dataset spec there).
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        TrainingDiverged: a step's loss or metrics were not finite; the step was not applied
+            and ``out_dir/checkpoint`` still holds the last good checkpoint.
+        ValueError: an invalid argument (named in the message), a resumed checkpoint of a
+            different model config, seed, global batch size or training-set size.
+        FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
+
+    ``metrics.jsonl`` holds one JSON object per line. Training records (``"split": "train"``,
+    every ``log_every`` steps) have ``step`` (optimizer steps done), ``epoch`` (fractional),
+    ``lr`` and ``kl_weight`` (of the record's last step), ``images_per_s`` (all ranks, data
+    loading included, evaluation and checkpointing excluded), ``grad_norm`` (with
+    ``grad_clip``; before clipping) and the model's metrics (:meth:`ModelOutput.metrics`:
+    ``loss``, ``distortion`` in nats, ``rate_bits``, terms such as ``mi``, ``tc``, ``dim_kl``,
+    ``layer_rates_bits`` or ``bits_per_dim``) averaged over the global batches since the last
+    record. Evaluation records (``"split": "eval"``) have ``step``, ``epoch``, ``batches`` and
+    the model's metrics averaged over the evaluation batches. On resume, the records a killed
+    run wrote after its last checkpoint are dropped, so the file reads as one uninterrupted run.
+
+    The parameters at the end of a run are bit-identical (on the CPU; on GPUs up to
+    non-deterministic kernels) whether or not it was interrupted and resumed: the checkpoint
+    holds the optimizer, scheduler and GradScaler state and every rank's RNG states, and the
+    data order restarts at the same position of the same permutation.
+    """
+    if not isinstance(model, BaseVAE):
+        raise TypeError(f"fit: model must be a pyvae.models.BaseVAE (its config is saved with the "
+                        f"weights), got {type(model).__name__}")
+    betas = tuple(betas)
+    _validate(steps, epochs, stop_after, batch_size, lr, weight_decay, betas, lr_schedule,
+              lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp,
+              grad_clip, precision, eval_dataset, eval_fraction, eval_every, eval_batches,
+              log_every, checkpoint_every, seed, num_workers)
+    if gather_global_batch:
+        if not hasattr(model, "gather_global_batch"):
+            raise ValueError(f"fit: gather_global_batch=True, but {type(model).__name__} has no "
+                             f"gather_global_batch attribute (only models whose loss uses "
+                             f"statistics of the whole batch have one)")
+        model.gather_global_batch = True
+    args = dict(steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, betas=list(betas), lr_schedule=lr_schedule,
+                lr_warmup_steps=lr_warmup_steps, kl_schedule=kl_schedule,
+                kl_warmup_steps=kl_warmup_steps, kl_cycle_steps=kl_cycle_steps,
+                kl_cycle_ramp=kl_cycle_ramp, grad_clip=grad_clip, precision=precision,
+                eval_fraction=eval_fraction, eval_every=eval_every, eval_batches=eval_batches,
+                log_every=log_every, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
+                num_workers=num_workers, gather_global_batch=gather_global_batch)
+    if eval_fraction > 0:
+        dataset, eval_dataset = split_dataset(dataset, eval_fraction, seed)
+    dist = distributed.setup(device, default=model.device)
+    try:
+        trainer = _Trainer(model, dataset, eval_dataset, Path(out_dir), args, dist,
+                           extra_config or {}, progress)
+        return trainer.run()
+    finally:
+        dist.close()
+
+
+class _Window:
+    """Sums of the packed metrics of the steps since the last log record, and their time."""
+
+    def __init__(self):
+        self.sums: list[float] | None = None
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, values: list[float], seconds: float) -> None:
+        self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
+        self.steps += 1
+        self.seconds += seconds
+
+    def means(self) -> list[float]:
+        return [value / self.steps for value in self.sums]
+
+
+class _Trainer:
+    """The state of one :func:`fit` call (see there for the arguments in ``args``)."""
+
+    def __init__(self, model: BaseVAE, dataset: Dataset, eval_dataset: Dataset | None,
+                 out_dir: Path, args: dict, dist: distributed.Distributed, extra_config: dict,
+                 progress: bool):
+        self.args, self.dist, self.out_dir, self.progress = args, dist, out_dir, progress
+        self.device = dist.device
+        self.seed = args["seed"]
+        self.model = model.to(self.device).train()
+        world, rank, batch = dist.world_size, dist.rank, args["batch_size"]
+
+        try:
+            self.sampler = ShardedBatchSampler(len(dataset), batch, seed=self.seed, rank=rank,
+                                               world_size=world)
+        except ValueError as error:
+            raise ValueError(f"fit: the training set is too small: {error}") from None
+        self.data_generator = torch.Generator()  # worker seeds, without touching the global RNG
+        self.loader = self._loader(dataset, self.sampler, self.data_generator)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = args["steps"] or args["epochs"] * self.steps_per_epoch
+        self.end_step = min(self.total_steps, args["stop_after"] or self.total_steps)
+        self.eval_loader = None
+        if eval_dataset is not None:
+            try:
+                eval_sampler = ShardedBatchSampler(len(eval_dataset), batch, rank=rank,
+                                                   world_size=world, shuffle=False)
+            except ValueError as error:
+                raise ValueError(f"fit: the evaluation set is too small: {error}") from None
+            self.eval_loader = self._loader(eval_dataset, eval_sampler, torch.Generator())
+        self.sizes = {"train_examples": len(dataset),
+                      "eval_examples": len(eval_dataset) if eval_dataset is not None else 0}
+
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"],
+                                           betas=tuple(args["betas"]),
+                                           weight_decay=args["weight_decay"])
+        total_steps = self.total_steps  # not self: no reference cycle keeps workers alive
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
+            step, schedule=args["lr_schedule"], warmup_steps=args["lr_warmup_steps"],
+            total_steps=total_steps))
+        self.amp_dtype = PRECISIONS[args["precision"]]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args["precision"] == "fp16")
+
+        self.layout: MetricLayout | None = None  # made from the first step's output
+        self.step = self._restore_or_start(model)
+        self.saved_step = self.step if self.step > 0 else None
+        if dist.is_main:
+            remove_stale_checkpoints(out_dir)  # e.g. half-written by a killed run
+            _write_json(out_dir / "config.json", {"model": model.config, "train": args,
+                                                  "dataset": self.sizes, **extra_config})
+        dist.barrier()
+        self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index]
+                                            if self.device.type == "cuda" else None)
+                    if dist.enabled else model)
+        self.log = (MetricsLog(out_dir / "metrics.jsonl", keep_until_step=self.step)
+                    if dist.is_main else None)
+
+    def _loader(self, dataset, sampler, generator) -> DataLoader:
+        workers = self.args["num_workers"]
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                          collate_fn=collate_images, pin_memory=self.device.type == "cuda",
+                          persistent_workers=workers > 0, generator=generator)
+
+    def _restore_or_start(self, model: BaseVAE) -> int:
+        """Load ``out_dir/checkpoint`` (resume) or seed a fresh run; returns the start step.
+        Nothing in ``out_dir`` changes before the checkpoint is accepted."""
+        has_checkpoint = (self.out_dir / LINK / CONFIG).is_file()
+        if has_checkpoint and not self.args["resume"]:
+            raise FileExistsError(f"fit: {str(self.out_dir)!r} already holds a checkpoint; pass "
+                                  f"resume=True to continue that run, or choose another out_dir")
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not has_checkpoint:
+            _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank))
+            return 0
+        try:
+            state = load_checkpoint(self.out_dir, model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, scaler=self.scaler)
+        except ValueError as error:
+            raise ValueError(f"fit(resume=True): {error}") from None
+        expected = {"seed": self.seed, "global_batch_size": self.sampler.global_batch_size,
+                    "train_examples": self.sizes["train_examples"]}
+        for key, value in expected.items():
+            if state[key] != value:
+                raise ValueError(
+                    f"fit(resume=True): the checkpoint in {str(checkpoint_dir(self.out_dir))!r} "
+                    f"was trained with {key}={state[key]}, this call has {key}={value}; the data "
+                    f"order would not continue where it stopped")
+        if len(state["rng"]) == self.dist.world_size:
+            restore_rng_state(state["rng"][self.dist.rank], self.device)
+        else:
+            warnings.warn(f"fit: the checkpoint was written by {len(state['rng'])} processes and "
+                          f"this run has {self.dist.world_size}: the sampling noise is re-seeded, "
+                          f"so the run will not equal an uninterrupted one")
+            _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank, state["step"]))
+        return state["step"]
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> FitResult:
+        args = self.args
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.dist.is_main))
+        window = _Window()
+        last_record, eval_metrics = None, None
+        tick = time.perf_counter()
+        try:
+            while self.step < self.end_step:
+                epoch, position = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch, position)
+                self.data_generator.manual_seed(derived_seed(self.seed, WORKERS, epoch))
+                for x in self.loader:
+                    kl = kl_weight(self.step, schedule=args["kl_schedule"],
+                                   warmup_steps=args["kl_warmup_steps"],
+                                   cycle_steps=args["kl_cycle_steps"],
+                                   cycle_ramp=args["kl_cycle_ramp"])
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    values = self._train_step(x, kl)
+                    self.step += 1
+                    now = time.perf_counter()
+                    window.add(values, now - tick)
+                    bar.set_postfix({"loss": values[0], "distortion": values[1],
+                                     "rate_bits": values[2]}, refresh=False)
+                    bar.update(1)
+
+                    done = self.step == self.end_step
+                    if self.step % args["log_every"] == 0 or done:
+                        last_record = self._log_train(window, lr, kl)
+                        window = _Window()
+                    if self.eval_loader is not None and (
+                            (args["eval_every"] and self.step % args["eval_every"] == 0)
+                            or self.step == self.total_steps):
+                        eval_metrics = self._evaluate()
+                    if args["checkpoint_every"] and self.step % args["checkpoint_every"] == 0:
+                        self._save()
+                    if done:
+                        self._save()
+                        break
+                    tick = time.perf_counter()  # evaluation and checkpoints are not throughput
+        finally:
+            bar.close()
+            if self.log is not None:
+                self.log.close()
+            self.loader = self.eval_loader = None  # ends the worker processes now
+        metrics = {} if last_record is None else {key: last_record[key]
+                                                  for key in self.layout.shapes}
+        link = self.out_dir / LINK
+        return FitResult(step=self.step, epoch=self.step / self.steps_per_epoch, metrics=metrics,
+                         eval_metrics=eval_metrics, out_dir=self.out_dir,
+                         checkpoint=link if (link / CONFIG).is_file() else None,
+                         metrics_path=self.out_dir / "metrics.jsonl")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, x: torch.Tensor, kl: float) -> list[float]:
+        """One optimizer step on batch ``x``; returns the packed global-batch metrics (see
+        ``self.layout``). Raises TrainingDiverged, without changing the parameters, if they are
+        not finite."""
+        x = x.to(self.device, non_blocking=True)
+        with self._autocast():
+            output = self.ddp(x, kl_weight=kl)
+        self.scaler.scale(output.loss).backward()
+        clip = self.args["grad_clip"]
+        if self.layout is None:
+            self.layout = MetricLayout(output, extra=["grad_norm"] if clip is not None else [])
+        extra = []
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            extra.append(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        # One all-reduce and one host sync per step: the progress bar shows global-batch values
+        # and every rank takes the same decision on divergence.
+        values = self.dist.mean(self.layout.pack(output, *extra)).tolist()
+        bad = self.layout.nonfinite(values)
+        if "grad_norm" in bad and self.amp_dtype == torch.float16:
+            bad.remove("grad_norm")  # the GradScaler skips this step and lowers its scale
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            link = self.out_dir / LINK
+            raise TrainingDiverged(self.step + 1, self.layout.unpack(values), bad,
+                                   link if (link / CONFIG).is_file() else None)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # After a step the GradScaler skipped, torch warns that the schedule moves on
+            # without an optimizer step: intended here (steps count batches).
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler"))
+            self.scheduler.step()
+        return values
+
+    def _log_train(self, window: _Window, lr: float, kl: float) -> dict:
+        """The record of the steps since the last one (written by rank 0)."""
+        record = {"split": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                  "lr": lr, "kl_weight": kl,
+                  "images_per_s": window.steps * self.sampler.global_batch_size / window.seconds,
+                  **self.layout.unpack(window.means())}
+        if self.log is not None:
+            self.log.write(record)
+        return record
+
+    def _evaluate(self) -> dict:
+        """Metrics of the evaluation batches (means over batches and ranks), logged by rank 0."""
+        module, limit = self.model, self.args["eval_batches"]
+        module.eval()
+        total, count, layout = None, 0, None
+        fork = [self.device.index] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=fork), self._autocast():
+            torch.manual_seed(derived_seed(self.seed, EVAL_NOISE, self.dist.rank))
+            self.eval_loader.batch_sampler.set_epoch(0)
+            for x in self.eval_loader:
+                output = module.loss(x.to(self.device, non_blocking=True), kl_weight=1.0)
+                layout = layout or MetricLayout(output)
+                packed = layout.pack(output)
+                total = packed if total is None else total + packed
+                count += 1
+                if count == limit:
+                    break
+        module.train()
+        metrics = layout.unpack(self.dist.mean(total / count).tolist())
+        if self.log is not None:
+            self.log.write({"split": "eval", "step": self.step,
+                            "epoch": self.step / self.steps_per_epoch, "batches": count,
+                            **metrics})
+        return metrics
+
+    def _save(self) -> None:
+        """Checkpoint the current step on rank 0 (every rank contributes its RNG states)."""
+        if self.saved_step == self.step:
+            return
+        rng = self.dist.gather(capture_rng_state(self.device))
+        if self.dist.is_main:
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            state = {"format": STATE_FORMAT, "step": self.step, "epoch": epoch,
+                     "batch_in_epoch": position, "steps_per_epoch": self.steps_per_epoch,
+                     "seed": self.seed, "global_batch_size": self.sampler.global_batch_size,
+                     "train_examples": self.sizes["train_examples"],
+                     "world_size": self.dist.world_size,
+                     "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "rng": rng}
+            save_checkpoint(self.out_dir, self.model, state)
+        self.saved_step = self.step
+        self.dist.barrier()
