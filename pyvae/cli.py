@@ -435,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
                           description=demo_module.__doc__)
     demo_module.add_arguments(demo)
     demo.set_defaults(func=lambda args: demo_module.main_from_args(args))
+    from pyvae import report as report_module
+    report = sub.add_parser(
+        "report", help="render a training run into pictures and a markdown summary (report.md)",
+        description=report_module.DESCRIPTION, epilog=report_module.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report_module.add_arguments(report)
+    report.set_defaults(func=report_module.main_from_args)
     return parser
 
 
