@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pyvae import viz
+from pyvae.metrics import evaluate, psnr
 
 CURVE_KEYS = ("loss", "distortion", "rate_bits", "bits_per_dim")
 KL_KEYS = ("mi", "tc", "dim_kl")
@@ -37,35 +38,15 @@ MAX_TILES = 16  # patch models: at most MAX_TILES × MAX_TILES patches per recon
 
 
 def _psnr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B,) PSNR in dB of images in [0, 1]: pyvae.metrics.psnr when it is there."""
-    try:
-        from pyvae.metrics import psnr
-    except ImportError:  # without the metrics package: 10·log10(1 / MSE) directly
-        def psnr(a, b):
-            mse = (a.float() - b.float()).square().reshape(len(a), -1).mean(1)
-            return 10.0 * torch.log10(1.0 / mse)
+    """(B,) PSNR in dB of images in [0, 1]."""
     return psnr(x.float().cpu(), x_hat.float().cpu())
 
 
 def _evaluate(model, batch: torch.Tensor, seed: int, device: torch.device) -> dict:
-    """Means of the model's loss outputs on ``batch``: pyvae.metrics.evaluate when it is
-    there, else the batch means of ``model.loss(batch).metrics()`` under a fixed seed."""
-    try:
-        from pyvae.metrics import evaluate
-    except ImportError:
-        evaluate = None
-    if evaluate is not None:
-        values = evaluate(model, batch, batch_size=1024, device=device, seed=seed)
-        values.pop("num_examples", None)
-        return values
-    fork = [device.index or 0] if device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=fork):
-        torch.manual_seed(seed)
-        pieces = batch.split(1024)
-        parts = [model.loss(part).metrics() for part in pieces]
-    weights = np.array([len(part) for part in pieces], dtype=np.float64)
-    return {key: np.average([p[key] for p in parts], axis=0, weights=weights).tolist()
-            for key in parts[0]}
+    """Means of the model's loss outputs on ``batch`` (pyvae.metrics.evaluate, fixed seed)."""
+    values = evaluate(model, batch, batch_size=1024, device=device, seed=seed)
+    values.pop("num_examples", None)
+    return values
 
 
 def _format(value) -> str:
