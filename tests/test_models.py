@@ -1,7 +1,6 @@
 """pyvae.models: every model trains, reports finite rates, runs on pyvae's ops (the dispatched
 kernel matches the reference backend), round-trips its config, and rejects bad input."""
 import math
-import os
 
 import pytest
 import torch

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import pyvae
+from pyvae._io import fsync_path, write_text_atomic
 from pyvae.data import ImageFolder, NumpyImages, UnreadableImageError, load_dataset
 from pyvae.encode.stride1 import encode_patches, fully_convolutional
 from pyvae.train.distributed import setup
@@ -316,27 +317,8 @@ def model_hash(model: torch.nn.Module) -> str:
     return _sha256(*parts)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a fsync'ed temporary file and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
 def _write_manifest(out: Path, manifest: dict) -> None:
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _marker(out: Path, chunk: int) -> Path:
@@ -418,7 +400,7 @@ def _create_store(out: Path, manifest: dict) -> None:
                                           shape=tuple(shape))
         array.flush()
         del array
-        _fsync_path(out / name)
+        fsync_path(out / name)
     _write_manifest(out, manifest)
 
 
@@ -575,7 +557,7 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
     if precision not in PRECISIONS:
         raise ValueError(f"encode_dataset: precision must be None, 'fp32', 'bf16' or 'fp16', "
                          f"got {precision!r}")
-    p, latent_dim = int(model.patch_size), int(model.latent_dim)
+    p = int(model.patch_size)
     channels = getattr(model, "channels", None)
     src = _resolve_source(source, size=size, crop=crop, grayscale=grayscale, channels=channels)
     c, height, width = src.image_shape
@@ -666,7 +648,7 @@ def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype
                     os.fsync(fds[name])
                 marker = {"chunk": chunk, "rows": [chunk * chunk_size, stop],
                           "rank": group.rank, "skipped": chunk_skipped}
-                _write_atomic(_marker(out, chunk), json.dumps(marker) + "\n")
+                write_text_atomic(_marker(out, chunk), json.dumps(marker) + "\n")
                 skipped_now += chunk_skipped
                 chunk_skipped = []
                 if delay:

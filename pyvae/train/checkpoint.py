@@ -27,6 +27,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from pyvae._io import fsync_path
 from pyvae.models import BaseVAE, build_model
 
 LINK = "checkpoint"
@@ -110,14 +111,6 @@ def load_checkpoint(path: str | os.PathLike, model: BaseVAE | None = None, *,
     return state
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out_dir: str | os.PathLike, model: BaseVAE, state: dict) -> Path:
     """Atomically write ``model`` and the training ``state`` as ``out_dir/checkpoint``.
 
@@ -133,8 +126,8 @@ def save_checkpoint(out_dir: str | os.PathLike, model: BaseVAE, state: dict) -> 
         (directory / CONFIG).write_text(json.dumps(model.config, indent=2) + "\n")
         torch.save(state, directory / STATE)
         for name in (WEIGHTS, CONFIG, STATE):
-            _fsync(directory / name)
-        _fsync(directory)
+            fsync_path(directory / name)
+        fsync_path(directory)
         link, staged = out_dir / LINK, out_dir / f".{LINK}-link-{os.getpid()}"
         if link.is_dir() and not link.is_symlink():
             # A real directory (e.g. a run copied with `cp -L`) cannot be replaced by a link.
@@ -142,7 +135,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: BaseVAE, state: dict) -> 
         staged.unlink(missing_ok=True)
         os.symlink(directory.name, staged)
         os.replace(staged, link)  # the commit point: rename(2) is atomic
-        _fsync(out_dir)
+        fsync_path(out_dir)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise

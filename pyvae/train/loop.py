@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from pyvae._io import write_text_atomic
 from pyvae.models import BaseVAE
 from pyvae.train import distributed
 from pyvae.train.checkpoint import (CONFIG, LINK, capture_rng_state, checkpoint_dir,
@@ -148,9 +149,7 @@ def _validate(steps, epochs, stop_after, batch_size, lr, weight_decay, betas, lr
 
 
 def _write_json(path: Path, value: dict) -> None:
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(staged, path)
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def _seed_everything(seed: int) -> None:
