@@ -358,6 +358,9 @@ def add_encode_parser(sub) -> argparse.ArgumentParser:
     encode.add_argument("--chunk-size", type=int, default=defaults["chunk_size"], metavar="N",
                         help="images per chunk, the unit of writing and resuming "
                              "(default: %(default)s)")
+    encode.add_argument("--tile-size", type=int, default=None, metavar="N",
+                        help="encode big images in tiles of at most N×N pixels (same features, "
+                             "bounded memory; default: whole images)")
     encode.add_argument("--dtype", choices=["float16", "float32"], default=defaults["dtype"],
                         help="stored dtype (default: %(default)s)")
     encode.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
@@ -402,7 +405,7 @@ def cmd_encode(args) -> int:
             chunk_size=args.chunk_size, dtype=args.dtype, precision=args.precision,
             with_logvar=args.logvar, resume=args.resume, num_workers=args.num_workers,
             device=device, progress=args.progress, size=args.size, crop=args.crop,
-            grayscale=args.grayscale)
+            grayscale=args.grayscale, tile_size=args.tile_size)
     except (StoreError, OSError, ValueError) as error:
         print(f"pyvae encode: error: {error}", file=sys.stderr)
         return 2
@@ -442,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     report_module.add_arguments(report)
     report.set_defaults(func=report_module.main_from_args)
+    from pyvae import reproduce as reproduce_module
+    reproduce = sub.add_parser(
+        "reproduce", help="reproduce a seed paper's finding in a small experiment (--list)",
+        description=reproduce_module.__doc__.split("\n\n")[0], epilog=reproduce_module.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    reproduce_module.add_arguments(reproduce)
+    reproduce.set_defaults(func=reproduce_module.main_from_args)
     return parser
 
 

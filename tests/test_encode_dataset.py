@@ -428,3 +428,20 @@ def test_save_similarity_png(model, images, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sim.png"]  # no temporary left
     with pytest.raises(ValueError, match="distance maps, distances are"):
         save_similarity_png(tmp_path / "bad.png", images, distances, (2, 4, 6), patch_size=5)
+
+
+def test_tiled_store_matches_whole_images_and_tile_size_is_checked_on_resume(tmp_path):
+    torch.manual_seed(3)
+    model = PatchVAE(3, 1, 4, 1, hidden_channels=8).eval()
+    images = torch.rand(5, 1, 23, 19)
+    whole = encode_dataset(model, images, tmp_path / "whole", dtype="float32", progress=False)
+    tiled = encode_dataset(model, images, tmp_path / "tiled", dtype="float32", tile_size=8,
+                           progress=False)
+    a = np.load(whole.path / "features.npy")
+    b = np.load(tiled.path / "features.npy")
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    with pytest.raises(StoreError, match="tile_size"):
+        encode_dataset(model, images, tmp_path / "tiled", dtype="float32", tile_size=9,
+                       resume=True, progress=False)
+    with pytest.raises(ValueError, match="tile_size"):
+        encode_dataset(model, images, tmp_path / "bad", tile_size=2, progress=False)

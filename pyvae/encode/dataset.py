@@ -341,7 +341,7 @@ def _array_names(with_logvar: bool) -> list[str]:
 _CHECKED = [("dtype", "dtype"), ("with_logvar", "with_logvar"), ("patch_size", "patch size"),
             ("latent_dim", "latent dimension"), ("image_shape", "image shape (C, H, W)"),
             ("shape", "store shape"), ("chunk_size", "chunk_size"),
-            ("precision", "precision")]
+            ("precision", "precision"), ("tile_size", "tile_size")]
 
 
 def _differences(stored: dict, wanted: dict) -> list[str]:
@@ -488,7 +488,8 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
                    chunk_size: int = 256, dtype: str = "float16", precision: str | None = None,
                    with_logvar: bool = False, resume: bool = False, num_workers: int = 0,
                    device: str | torch.device | None = None, progress: bool = True,
-                   size=None, crop=None, grayscale: bool | None = None) -> EncodeResult:
+                   size=None, crop=None, grayscale: bool | None = None,
+                   tile_size: int | None = None) -> EncodeResult:
     """Encode every p×p patch (stride 1) of every image of a collection into a feature store.
 
     Args:
@@ -525,6 +526,8 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
         device: where to compute; default the model's device (under ``torchrun``:
             ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU).
         progress: show a progress bar (images/s and ETA; rank 0 only).
+        tile_size: encode each image in tiles of at most this many pixels per side (overlap
+            p − 1; the same features) to bound memory for big images; default whole images.
         size, crop, grayscale: folder sources only, see :func:`pyvae.data.load_image`
             (``grayscale`` defaults to ``model.channels == 1``).
 
@@ -551,6 +554,8 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
                             f".{attribute}")
     batch_size = _check_int("batch_size", batch_size, 1)
     chunk_size = _check_int("chunk_size", chunk_size, 1)
+    if tile_size is not None:
+        tile_size = _check_int("tile_size", tile_size, int(model.patch_size))
     num_workers = _check_int("num_workers", num_workers, 0)
     if str(dtype) not in STORE_DTYPES:
         raise ValueError(f"encode_dataset: dtype must be one of {STORE_DTYPES}, got {dtype!r}")
@@ -573,13 +578,14 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
     try:
         return _run(model, src, Path(out), group, batch_size=batch_size, chunk_size=chunk_size,
                     dtype=str(dtype), precision=precision, with_logvar=bool(with_logvar),
-                    resume=resume, num_workers=num_workers, progress=progress)
+                    resume=resume, num_workers=num_workers, progress=progress,
+                    tile_size=tile_size)
     finally:
         group.close()
 
 
 def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype, precision,
-         with_logvar, resume, num_workers, progress) -> EncodeResult:
+         with_logvar, resume, num_workers, progress, tile_size) -> EncodeResult:
     p, latent_dim = int(model.patch_size), int(model.latent_dim)
     c, height, width = src.image_shape
     shape = (src.rows, latent_dim, height - p + 1, width - p + 1)
@@ -597,7 +603,7 @@ def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype
         "model": {"config": getattr(model, "config", None), "hash": model_hash(model)},
         "source": src.description, "names": src.names,
         "chunk_size": chunk_size, "num_chunks": chunks,
-        "precision": {None: "fp32"}.get(precision, precision),
+        "precision": {None: "fp32"}.get(precision, precision), "tile_size": tile_size,
         "skipped": [], "complete": False,
     }
     manifest = json.loads(json.dumps(manifest))  # JSON types (lists, not tuples) for comparison
@@ -637,7 +643,8 @@ def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype
     try:
         for batch in loader:
             start, stop = batch["start"], batch["stop"]
-            _encode_batch(model, network, batch, arrays, group.device, PRECISIONS[precision])
+            _encode_batch(model, network, batch, arrays, group.device, PRECISIONS[precision],
+                          tile_size)
             chunk_skipped += [{"index": row, "name": src.names[row] if src.names else None,
                                "reason": reason} for row, reason in batch["failed"]]
             bar.update(stop - start)
@@ -688,7 +695,8 @@ def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype
 
 
 @torch.no_grad()
-def _encode_batch(model, network, batch: dict, arrays: dict, device, compute_dtype) -> None:
+def _encode_batch(model, network, batch: dict, arrays: dict, device, compute_dtype,
+                  tile_size: int | None) -> None:
     """Encode one batch and write its rows (NaN for unreadable images) into the memory maps."""
     start, stop, ok = batch["start"], batch["stop"], batch["ok"]
     features = arrays[FEATURES]
@@ -696,7 +704,8 @@ def _encode_batch(model, network, batch: dict, arrays: dict, device, compute_dty
     if batch["images"] is not None:
         images = batch["images"].to(device, non_blocking=True)
         mu, logvar = encode_patches(model, images, batch_size=len(images), dtype=compute_dtype,
-                                    return_logvar=True, device=device, network=network)
+                                    return_logvar=True, device=device, network=network,
+                                    tile_size=tile_size)
     for name, values in ((FEATURES, mu), (LOGVAR, logvar)):
         if name not in arrays:
             continue
