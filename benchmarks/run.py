@@ -93,10 +93,22 @@ def describe(result: dict) -> str:
             f"{result['copy_bandwidth_gbs']:.0f} GB/s")
 
 
-def save(result: dict, folder: str) -> str:
+def case_key(case: dict) -> tuple:
+    return tuple(case.get(k) for k in ("op", "shape", "dtype", "mode", "impl"))
+
+
+def save(result: dict, folder: str, merge: bool = False) -> str:
+    """Write ``result`` as ``<date>-<device>.json``; with ``merge`` (a ``-k`` subset) the cases
+    of an existing file of the same day and device that this run did not repeat are kept."""
     os.makedirs(folder, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device_name"]).strip("-").lower()
     path = os.path.join(folder, f"{result['date'][:10]}-{slug}.json")
+    if merge and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        ran = {case_key(c) for c in result["cases"]}
+        result = dict(result, cases=[c for c in old["cases"] if case_key(c) not in ran]
+                      + result["cases"])
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
@@ -137,7 +149,7 @@ def main(argv=None) -> None:
         result = summarise(run_pytest(args.quick, args.select))
         print(f"\n{describe(result)}\n{table(result)}")
         if args.save:
-            print(f"saved {save(result, args.save)}")
+            print(f"saved {save(result, args.save, merge=bool(args.select))}")
     if args.save or args.readme:
         update_readme(results_dir, os.path.join(ROOT, "README.md"))
         print("README.md benchmark table updated")

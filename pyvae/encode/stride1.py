@@ -229,7 +229,9 @@ def encode_patches(model, images: torch.Tensor, *, batch_size: int | None = None
         else:
             if network is None:
                 network = fully_convolutional(model.encoder, p)
-            network = network.to(device)
+            # Channels-last: oneDNN's and cuDNN's fastest convolution layout (about 2× on CPUs
+            # for the few-image batches of whole-image encoding).
+            network = network.to(device, memory_format=torch.channels_last)
             out = _encode_conv(model, network, images, batch_size or n, dtype, device,
                                tile_size)
     finally:
@@ -250,7 +252,7 @@ def _encode_conv(model, network, images, batch_size, dtype, device, tile_size):
     tile_h, tile_w = (tile_size or height), (tile_size or width)
     for start in range(0, n, batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
-        batch = model.preprocess(batch.float())
+        batch = model.preprocess(batch.float()).contiguous(memory_format=torch.channels_last)
         for y in tile_starts(height, min(tile_h, height), p):
             for x in tile_starts(width, min(tile_w, width), p):
                 tile = batch[:, :, y:y + tile_h, x:x + tile_w]
