@@ -1,0 +1,159 @@
+"""pyvae.reproduce and `pyvae reproduce`: every experiment runs end to end at size "smoke" and
+writes its table, results.md, results.json and pictures. These check the machinery, not the
+findings (the smoke models are trained for a few steps)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyvae import reproduce
+from pyvae.cli import main
+from pyvae.reproduce.tcvae_decomposition import (exact_terms, exact_terms_reference,
+                                                  gaussian_tc_closed_form, minibatch_terms)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_registry():
+    assert reproduce.names() == ["beta_vae_metric", "patch_vaes", "tcvae_decomposition",
+                                 "layer_rates", "beta_sweep"]
+    for name in reproduce.names():
+        module = reproduce.experiment(name)
+        assert set(module.SIZES) == {"smoke", "default"}
+        assert set(module.SIZES["smoke"]) == set(module.SIZES["default"])
+        for attribute in ("SEED", "SEED_TITLE", "TITLE", "SUMMARY", "CLAIM"):
+            assert isinstance(getattr(module, attribute), str) and getattr(module, attribute)
+        assert callable(module.run)
+        assert name in reproduce.describe(name) and module.SEED in reproduce.describe(name)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        reproduce.experiment("nope")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["beta_vae_metric", "patch_vaes", "tcvae_decomposition",
+                                  "layer_rates", "beta_sweep"])
+def test_smoke_run_writes_the_report(name, tmp_path, capsys):
+    out = tmp_path / name
+    results = reproduce.run(name, out, "smoke", device="cpu")
+    printed = capsys.readouterr().out
+
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["experiment"] == name and results["size"] == "smoke"
+    assert results["config"] == reproduce.experiment(name).SIZES["smoke"]
+    assert results["finding"]["held"] in (True, False, None) and results["finding"]["text"]
+    assert results["seconds"] > 0 and results["device"] == "cpu" and results["machine"]
+
+    assert results["tables"]
+    for table in results["tables"]:
+        assert table["rows"] and all(len(row) == len(table["columns"]) for row in table["rows"])
+        numbers = [v for row in table["rows"] for v in row if isinstance(v, (int, float))]
+        assert numbers and all(math.isfinite(v) for v in numbers)
+
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith(f"# {results['title']}")
+    assert "**Finding:" in markdown and "## Setup" in markdown
+    assert f"pyvae reproduce {name} --size smoke" in markdown
+    for table in results["tables"]:
+        assert table["caption"] in markdown and table["caption"] in printed
+        for column in table["columns"]:
+            escaped = column.replace("|", "\\|")  # markdown cells escape the pipe
+            assert f"| {escaped} " in markdown and f"| {escaped} " in printed
+    assert "Finding" in printed
+
+    assert results["pictures"]
+    for picture in results["pictures"]:
+        assert f"]({picture['file']})" in markdown
+        assert (out / picture["file"]).read_bytes()[:8] == PNG
+    # Only the report lands in the output folder: no checkpoints or training logs.
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["results.md", "results.json"] + [p["file"] for p in results["pictures"]])
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(tmp_path):
+    tiny = {"betas": [1.0, 100.0], "steps": 2}
+    first = reproduce.run("beta_sweep", tmp_path / "a", "smoke", device="cpu", overrides=tiny,
+                          verbose=False)
+    second = reproduce.run("beta_sweep", tmp_path / "b", "smoke", device="cpu", overrides=tiny,
+                           verbose=False)
+    assert first["tables"] == second["tables"]
+    assert first["config"]["betas"] == [1.0, 100.0]
+    other = reproduce.run("beta_sweep", tmp_path / "c", "smoke", device="cpu", overrides=tiny,
+                          seed=1, verbose=False)
+    assert other["tables"] != first["tables"]
+
+
+@pytest.mark.slow
+def test_render_markdown_rebuilds_the_report(tmp_path):
+    reproduce.run("beta_sweep", tmp_path, "smoke", device="cpu",
+                  overrides={"betas": [1.0, 100.0], "steps": 1}, verbose=False)
+    written = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink()
+    assert reproduce.render_markdown(tmp_path) == tmp_path / "results.md"
+    assert (tmp_path / "results.md").read_text() == written
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        reproduce.run("beta_sweep", tmp_path, "smoke", overrides={"nope": 1})
+    with pytest.raises(ValueError, match="size must be one of"):
+        reproduce.run("beta_sweep", tmp_path, "huge")
+
+
+def test_cli_list_and_errors(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == reproduce.names()
+    assert main(["reproduce"]) == 2
+    assert "--list" in capsys.readouterr().err
+    assert main(["reproduce", "beta_sweep", "--set", "nope=1", "--size", "smoke"]) == 2
+    assert "unknown configuration keys" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "not_an_experiment"])
+
+
+@pytest.mark.slow
+def test_cli_runs_an_experiment(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["reproduce", "beta_sweep", "--size", "smoke", "--out", str(out), "--device",
+                 "cpu", "--set", "steps=1", "--set", "betas=[0.01, 10]"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["steps"] == 1 and results["config"]["betas"] == [0.01, 10]
+    assert str(out / "results.md") in capsys.readouterr().out
+
+
+# ---- the estimators of tcvae_decomposition ------------------------------------------------------
+
+def test_exact_decomposition_matches_its_reference():
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(300, 5, generator=generator)
+    logvar = torch.randn(300, 5, generator=generator) - 2
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(300, 5, generator=generator)
+    fast, slow = exact_terms(z, mu, logvar), exact_terms_reference(z, mu, logvar)
+    for key in ("mi", "tc", "dim_kl"):
+        assert fast[key] == pytest.approx(slow[key], abs=1e-4)
+    assert slow["mi"] > 0 and slow["tc"] > 0
+
+
+def test_estimators_on_posteriors_equal_to_the_prior():
+    """Every posterior is N(0, I): q(z) is the prior, so MI = TC = DW-KL = 0 exactly; MSS's
+    weights sum to one and agree, MWS's 1/(N·M) are off by log N per density."""
+    n, d = 512, 4
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
+    mu, logvar = torch.zeros(n, d), torch.zeros(n, d)
+    exact = exact_terms(z, mu, logvar)
+    mss = minibatch_terms(z, mu, logvar, 64, "mss", n, seed=0)
+    mws = minibatch_terms(z, mu, logvar, 64, "mws", n, seed=0)
+    for key in ("mi", "tc", "dim_kl"):
+        assert exact[key] == pytest.approx(0, abs=1e-4)
+        assert mss[key] == pytest.approx(0, abs=1e-4)
+    assert mws["mi"] == pytest.approx(math.log(n), abs=1e-3)
+    assert mws["tc"] == pytest.approx((d - 1) * math.log(n), abs=1e-3)
+    assert mws["dim_kl"] == pytest.approx(-d * math.log(n), abs=1e-3)
+    # TC of N(0, Σ): zero for a diagonal Σ, ½ log(1 / (1 − ρ²)) for a 2-D correlation ρ.
+    assert gaussian_tc_closed_form(np.diag([1.0, 4.0])) == pytest.approx(0)
+    assert gaussian_tc_closed_form(np.array([[1, 0.6], [0.6, 1]])) == pytest.approx(
+        -0.5 * math.log(1 - 0.36))
