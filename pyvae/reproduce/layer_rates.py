@@ -128,7 +128,8 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     finding = (
         f"Each β steers its own layer (Spearman ρ of R₁ with −β₁: {r1_follows_b1:.2f}, of R₂ "
         f"with −β₂: {r2_follows_b2:.2f}). PSNR "
-        f"{'rises' if psnr_holds else 'does not clearly rise'} with the total rate (ρ = {rho_psnr_total:.2f}), and the z₂ probe "
+        f"{'rises' if psnr_holds else 'does not clearly rise'} with the total rate "
+        f"(ρ = {rho_psnr_total:.2f}), and the z₂ probe "
         f"{'follows R₂ rather than R₁' if probe_holds else 'does not follow R₂ more than R₁'} "
         f"(ρ = {rho_z2_r2:.2f} with R₂, {rho_z2_r1:.2f} with R₁; the z₁ probe has ρ = "
         f"{rho_z1_r1:.2f} with R₁). The best PSNR is at (β₁, β₂) = ({best_psnr['beta1']:g}, "

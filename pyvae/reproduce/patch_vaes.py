@@ -252,7 +252,8 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     colour = "grayscale" if c["grayscale"] else "RGB"
     notes = [
         f"Photographs: scikit-learn's two sample photos cut into "
-        f"{info['train_crops'] + info['test_crops']} 64×64 crops ({colour}); {info['train_crops']} crops for training "
+        f"{info['train_crops'] + info['test_crops']} 64×64 crops ({colour}); "
+        f"{info['train_crops']} crops for training "
         f"({c['patches_per_image']} random patches each), {info['test_crops']} held-out crops "
         f"give {c['test_patches']} test patches per model. 8-bit levels (256-way categorical "
         f"likelihood). The seed used CelebA and CIFAR-10 and much longer training, so absolute "
