@@ -147,11 +147,12 @@ def test_half_inputs(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_larger_layers(backend, device):
-    # Many channels (the CPU kernel cuts 32x32 images into bands of rows) and many small
-    # images (several per GEMM, with a partial last group).
+    # Many channels (the CPU kernel cuts 32x32 images into bands of rows), many small images
+    # (several per GEMM, with a partial last group), and channel counts that leave partial
+    # register tiles in the CPU GEMM (more than 64 columns, not a multiple of 16).
     if interpreted(backend, device):
         pytest.skip("too large for the Triton interpreter")
-    for shape, k in [((3, 64, 16, 32, 32), 7), ((37, 8, 12, 5, 5), 5)]:
+    for shape, k in [((3, 64, 16, 32, 32), 7), ((37, 8, 12, 5, 5), 5), ((2, 67, 70, 9, 11), 5)]:
         x, weight, bias = make_inputs(*shape, k, torch.float32, device)
         check_against_reference(backend, x, weight, bias, RTOL[torch.float32], f"{shape} k={k}",
                                 mask_type="A")

@@ -1,6 +1,6 @@
 // CPU kernels of the masked (PixelCNN) convolution (mask and notation of
 // ops/cuda/masked_conv2d.h): pixel-major im2col restricted to the allowed taps that fall inside
-// the image, then ATen GEMMs over blocks of pixels of the whole batch.
+// the image, then GEMMs (ops/cpu/gemm.h) over blocks of pixels of the whole batch.
 //
 // Columns. A column matrix has one row per output pixel holding, one after the other, the C
 // channels of the source pixel of each tap of a tap list, then the centre pixel's channels that
@@ -53,6 +53,7 @@
 #include <utility>
 #include <vector>
 
+#include "ops/cpu/gemm.h"
 #include "ops/masked_conv2d.h"
 
 namespace pyvae {
@@ -636,7 +637,7 @@ at::Tensor masked_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
             }
             at::Tensor cols_now = matrix(cols, m, Kc);
             gather(src, Ci, g, cls, 0, g.centre_in(), v0, m, cols_now.mutable_data_ptr<acc_t>());
-            at::mm_out(out, cols_now, weights[c]);
+            matmul(out, cols_now, weights[c], /*accumulate=*/false);
           };
           for (size_t i = plan.chunks[static_cast<size_t>(chunk_begin)];
                i < plan.chunks[static_cast<size_t>(chunk_end)]; ++i) {
@@ -740,14 +741,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
                        cols_now.mutable_data_ptr<acc_t>());
                 if (need_x) {
                   at::Tensor out = gx_rows.narrow(0, row, m);
-                  at::mm_out(out, cols_now, weights[c]);
+                  matmul(out, cols_now, weights[c], /*accumulate=*/false);
                 }
                 if (need_w) {
                   if (cls.first < 0 && !class_partials[c].defined()) {
                     class_partials[c] = at::zeros({Ci, Kc}, acc_options);
                   }
-                  (cls.first >= 0 ? partial.narrow(1, cls.first * Co, Kc) : class_partials[c])
-                      .addmm_(x_rows.narrow(0, row, m).t(), cols_now);
+                  matmul(cls.first >= 0 ? partial.narrow(1, cls.first * Co, Kc) : class_partials[c],
+                         x_rows.narrow(0, row, m).t(), cols_now, /*accumulate=*/true);
                 }
               };
               for (size_t i = plan.chunks[static_cast<size_t>(chunk)];
