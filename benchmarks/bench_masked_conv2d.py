@@ -81,7 +81,7 @@ def test_masked_conv2d(benchmark, case, dtype, mode, impl):
             fn(x, weight, bias, mask).backward(grad_y)
     flops = 2 * n * size * size * int(mask.sum().item()) * (3 if grad else 1)
     slow = DEVICE == "cpu" and flops * k * k >= 1 << 34
-    timed(benchmark, step, device=DEVICE, rounds=3 if slow else 10,
+    timed(benchmark, step, device=DEVICE, rounds=7 if slow else 10,
           warmup=1 if impl != "compile" else 2, op="masked_conv2d", impl=impl,
           shape=f"{n}x{c}x{size}x{size} k{k}{mask_type}", dtype=str(dtype)[6:], mode=mode,
           flops=flops)
