@@ -10,7 +10,6 @@ import datetime
 import os
 import platform
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():  # triton is benchmarked on GPUs only

@@ -50,10 +50,10 @@ def _new_figure(rows: int = 1, columns: int = 1, figsize=(6.0, 4.0), **subplot_k
 
 
 def _style(ax, title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
-           grid: bool = True) -> None:
+           grid: bool = True, title_size: int = 10) -> None:
     """The one axes style of these pictures: labels, a light grid, no top/right spines."""
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=title_size)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:

@@ -80,6 +80,27 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
+@dataclass
+class DigitsSplit:
+    """scikit-learn's digits at ``image_size`` (images in [0, 1], (N, 1, S, S)) in a fixed
+    random train/test split; ``train_set`` serves the training images to :func:`train`."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    train_set: Dataset
+
+
+def digits_split(image_size: int, test_fraction: float, seed: int) -> DigitsSplit:
+    from pyvae.data import Digits
+    digits = Digits(size=image_size)
+    images, labels = digits.images, digits.targets
+    train_idx, test_idx = split_indices(len(images), test_fraction, seed)
+    return DigitsSplit(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                       TensorImages(images[train_idx]))
+
+
 # ---- training and encoding --------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:

@@ -13,25 +13,11 @@ from pyvae import viz
 
 
 def _figure(rows: int, columns: int, figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(rows, columns, squeeze=False)
+    return viz._new_figure(rows, columns, figsize)
 
 
 def _tidy(ax, title=None, xlabel=None, ylabel=None, grid=True):
-    if title:
-        ax.set_title(title, fontsize=9)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    if grid:
-        ax.grid(True, alpha=0.3, linewidth=0.6)
-        ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    viz._style(ax, title, xlabel, ylabel, grid, title_size=9)
 
 
 def save_image_panels(path, panels: Sequence[tuple[str, torch.Tensor]], columns: int, *,

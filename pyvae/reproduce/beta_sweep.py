@@ -13,11 +13,10 @@ import scipy.stats
 import torch
 
 from pyvae import viz
-from pyvae.data import Digits
 from pyvae.metrics import linear_probe, psnr
 from pyvae.models import VAE
-from pyvae.reproduce._common import (Report, Table, TensorImages, encode_means, reconstruct,
-                                     seed_everything, split_indices, train)
+from pyvae.reproduce._common import (Report, Table, digits_split, encode_means, reconstruct,
+                                     seed_everything, train)
 from pyvae.reproduce._plots import save_image_panels, save_scatter_panels
 
 SEED = "001"
@@ -49,11 +48,8 @@ def gaussian_fit_kl(z: np.ndarray) -> float:
 
 def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     c = config
-    digits = Digits(size=c["image_size"])
-    images, labels = digits.images, digits.targets
-    train_idx, test_idx = split_indices(len(images), c["test_fraction"], seed)
-    train_set = TensorImages(images[train_idx])
-    x_test, y_test = images[test_idx], labels[test_idx]
+    split = digits_split(c["image_size"], c["test_fraction"], seed)
+    train_set, x_test, y_test = split.train_set, split.x_test, split.y_test
     rng = np.random.default_rng(seed)
 
     results, models, pictures = [], {}, []
@@ -66,14 +62,14 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
         with torch.no_grad():
             output = model.loss(x_test.to(device))
         mu, logvar = encode_means(model, x_test, with_logvar=True)
-        mu_train = encode_means(model, images[train_idx])
+        mu_train = encode_means(model, split.x_train)
         recon = reconstruct(model, x_test)
         k = c["samples_per_point"]
         z = (mu.numpy()[None] + np.exp(0.5 * logvar.numpy())[None]
              * rng.standard_normal((k, *mu.shape))).reshape(-1, 2)
         cov = np.cov(z, rowvar=False)
         kl_dims = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).mean(0) / math.log(2)
-        probe = linear_probe(mu_train, labels[train_idx], mu, y_test, seed=seed)
+        probe = linear_probe(mu_train, split.y_train, mu, y_test, seed=seed)
         results.append({
             "beta": beta, "rate_bits": float(output.rate_bits.mean()),
             "rate_bits_per_dim": kl_dims.tolist(),

@@ -13,11 +13,10 @@ import scipy.stats
 import torch
 
 from pyvae import viz
-from pyvae.data import Digits
 from pyvae.metrics import evaluate, linear_probe, psnr
 from pyvae.models import HierarchicalVAE
-from pyvae.reproduce._common import (Report, Table, TensorImages, encode_means, reconstruct,
-                                     seed_everything, split_indices, train)
+from pyvae.reproduce._common import (Report, Table, digits_split, encode_means, reconstruct,
+                                     seed_everything, train)
 from pyvae.reproduce._plots import save_colored_scatter
 
 SEED = "002"
@@ -61,12 +60,9 @@ def _samples(model: HierarchicalVAE, images: torch.Tensor, seed: int) -> torch.T
 
 def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     c = config
-    digits = Digits(size=c["image_size"])
-    images, labels = digits.images, digits.targets
-    train_idx, test_idx = split_indices(len(images), c["test_fraction"], seed)
-    train_set = TensorImages(images[train_idx])
-    x_train, x_test = images[train_idx], images[test_idx]
-    y_train, y_test = labels[train_idx], labels[test_idx]
+    split = digits_split(c["image_size"], c["test_fraction"], seed)
+    train_set, x_train, x_test = split.train_set, split.x_train, split.x_test
+    y_train, y_test = split.y_train, split.y_test
     d1 = c["latent_dims"][0]
 
     results = []
