@@ -112,7 +112,8 @@ def run(name: str, out_dir, size: str = "smoke", *, device=None, seed: int = 0,
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     results = {
         "experiment": name, "title": module.TITLE, "seed_paper": module.SEED, "size": size,
-        "seed": seed, "config": config, "device": str(device), "machine": where,
+        "seed": seed, "overrides": dict(overrides or {}), "config": config,
+        "device": str(device), "machine": where,
         "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
         "tables": [table.as_json() for table in report.tables],
         "finding": {"held": report.held, "text": report.finding},
@@ -162,6 +163,8 @@ def _markdown(module: ModuleType, results: dict, report: Report) -> str:
     command = f"pyvae reproduce {name} --size {size}"
     if results["seed"]:
         command += f" --seed {results['seed']}"
+    for key, value in results.get("overrides", {}).items():
+        command += f" --set {key}={json.dumps(value)}"
     lines = [f"# {results['title']}", "",
              f"Seed {results['seed_paper']} ({module.SEED_TITLE}). Reproduced with "
              f"`{command}` in {results['seconds']:.0f} s wall-clock ({results['cpu_seconds']:.0f} "

@@ -174,6 +174,9 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     if min(acc["VAE (β=1)"], acc["β-VAE"]) > 0.8:
         finding += (" Both trained VAEs score far above the seed's 61.58 % for the VAE, so the "
                     "seed's large VAE-to-β-VAE gap does not appear at this training length.")
+    mig_vae, mig_beta = stat("VAE (β=1)", "mig")[0], stat("β-VAE", "mig")[0]
+    finding += (f" The MIG ranks the β-VAE {'above' if mig_beta > mig_vae else 'not above'} the "
+                f"VAE ({mig_beta:.3f} vs {mig_vae:.3f}).")
     finding += (f" PCA scores {100 * acc['PCA']:.1f} % (seed: 84.9 %), the untrained VAE "
                 f"{100 * acc['VAE untrained']:.1f} % (seed: 44.14 %).")
 
