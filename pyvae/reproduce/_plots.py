@@ -12,10 +12,6 @@ import torch
 from pyvae import viz
 
 
-def _figure(rows: int, columns: int, figsize):
-    return viz._new_figure(rows, columns, figsize)
-
-
 def _tidy(ax, title=None, xlabel=None, ylabel=None, grid=True):
     viz._style(ax, title, xlabel, ylabel, grid, title_size=9)
 
@@ -25,7 +21,7 @@ def save_image_panels(path, panels: Sequence[tuple[str, torch.Tensor]], columns:
     """One image grid per panel: ``panels`` = [(title, images (N, C, H, W) in [0, 1])]."""
     rows = math.ceil(len(panels) / panel_columns)
     cols = min(panel_columns, len(panels))
-    fig, axes = _figure(rows, cols, (3.4 * cols, 3.4 * rows * 0.9 + 0.4))
+    fig, axes = viz._new_figure(rows, cols, (3.4 * cols, 3.4 * rows * 0.9 + 0.4))
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
     for ax, (name, images) in zip(axes.flat, panels):
@@ -51,7 +47,7 @@ def save_scatter_panels(path, panels: Sequence[tuple[str, np.ndarray, np.ndarray
     from matplotlib import cm
     rows = math.ceil(len(panels) / panel_columns)
     cols = min(panel_columns, len(panels))
-    fig, axes = _figure(rows, cols, (3.0 * cols, 3.0 * rows + 0.4))
+    fig, axes = viz._new_figure(rows, cols, (3.0 * cols, 3.0 * rows + 0.4))
     def fitted(xy) -> float:
         return max(3.0, 1.1 * float(np.nanpercentile(np.abs(np.asarray(xy)), 99.5)))
 
@@ -86,7 +82,7 @@ def save_lines(path, x, series: dict[str, Sequence[float]], *, xlabel: str, ylab
     """Line plots: one panel (``series``) or several (``panels``: dicts with ``series``,
     ``title``, optional ``hlines`` and ``x``, sharing the labels)."""
     panels = panels or [dict(series=series, title=title, hlines=hlines, x=x)]
-    fig, axes = _figure(1, len(panels), (4.6 * len(panels), 3.4))
+    fig, axes = viz._new_figure(1, len(panels), (4.6 * len(panels), 3.4))
     for ax, panel in zip(axes[0], panels):
         px = panel.get("x", x)
         for name, values in panel["series"].items():
@@ -109,7 +105,7 @@ def save_colored_scatter(path, panels: Sequence[dict], *, xlabel: str, ylabel: s
                          title: str | None = None):
     """Scatters coloured by a value, one panel per dict: ``x``, ``y``, ``c`` (values),
     ``title``, ``colorbar`` (label), optional ``labels`` (text next to each point)."""
-    fig, axes = _figure(1, len(panels), (4.4 * len(panels), 3.6))
+    fig, axes = viz._new_figure(1, len(panels), (4.4 * len(panels), 3.6))
     for ax, panel in zip(axes[0], panels):
         points = ax.scatter(panel["x"], panel["y"], c=panel["c"], cmap="viridis", s=60,
                             edgecolors="black", linewidths=0.5)

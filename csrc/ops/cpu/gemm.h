@@ -69,6 +69,8 @@ __attribute__((target("avx512f"))) void micro_tile(int64_t K, const float* A, in
   }
 }
 
+#undef PYVAE_UNROLL
+
 template <int MR>
 void micro_rows(int vectors, int64_t K, const float* A, int64_t a_row, int64_t a_col,
                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate,
