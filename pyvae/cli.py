@@ -80,8 +80,10 @@ TRAIN_FLAGS = [
     ("--stop-after", "stop_after", int, "STEP", "end this invocation at this step, with a "
      "checkpoint (continue with --resume); the schedules still span the whole run"),
     ("--batch-size", "batch_size", int, "B", "examples per step per process"),
-    ("--lr", "lr", float, "LR", "AdamW learning rate"),
-    ("--weight-decay", "weight_decay", float, "W", "AdamW decoupled weight decay"),
+    ("--optimizer", "optimizer", str, "{adamw,adagrad}", "the optimizer"),
+    ("--lr", "lr", float, "LR", "learning rate"),
+    ("--weight-decay", "weight_decay", float, "W",
+     "weight decay (AdamW: decoupled; Adagrad: L2 penalty)"),
     ("--lr-schedule", "lr_schedule", str, "{constant,cosine,linear}",
      "learning-rate decay after the warm-up (cosine/linear reach 0 at the last step)"),
     ("--lr-warmup-steps", "lr_warmup_steps", int, "N", "steps of linear learning-rate warm-up"),

@@ -42,6 +42,10 @@ def model_cases():
         ("beta_vae_gaussian", lambda: models.BetaVAE(6, 3, (13, 9), beta=4.0,
                                                      likelihood="gaussian"), (3, 13, 9)),
         ("beta_tcvae", lambda: models.BetaTCVAE(6, 1, 16, dataset_size=1000), (1, 16, 16)),
+        ("vae_mlp", lambda: models.VAE(6, 1, (12, 10), architecture="mlp", hidden=40),
+         (1, 12, 10)),
+        ("beta_tcvae_mlp", lambda: models.BetaTCVAE(6, 1, 16, dataset_size=1000,
+                                                    architecture="mlp", hidden=32), (1, 16, 16)),
         ("hierarchical", lambda: models.HierarchicalVAE([6, 3], [1.0, 2.0], 1, 16), (1, 16, 16)),
         ("ladder", lambda: models.HierarchicalVAE([6, 4, 2], [1.0, 0.5, 2.0], 1, 16,
                                                   inference="ladder"), (1, 16, 16)),
@@ -126,6 +130,23 @@ def test_conv_decoder_restores_every_image_size(size):
     assert model.sample(3).shape == (3, 2, h, w)
     if size == 64:  # the network of Higgins et al.: four stride-2 layers down to 4×4
         assert feature_sizes((64, 64)) == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
+
+
+def test_vae_architectures_and_errors():
+    mlp = models.VAE(10, 1, 64, architecture="mlp")
+    # the fully-connected networks of Higgins et al. / Chen et al. for 64×64 shapes
+    widths = [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [1200, 1200, 20, 1200, 1200, 1200, 4096]
+    assert mlp.config["architecture"] == "mlp" and mlp.config["hidden"] == 1200
+    assert models.VAE(10, 1, 64).config["hidden"] == 256  # the conv network's default
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in mlp.modules())
+    # an older config without "architecture" rebuilds the conv network
+    old = {k: v for k, v in models.VAE(4, 1, 16).config.items() if k != "architecture"}
+    assert models.build_model(old).architecture == "conv"
+    with pytest.raises(ValueError, match="VAE: architecture must be one of"):
+        models.VAE(4, 1, 16, architecture="resnet")
+    with pytest.raises(ValueError, match="BetaTCVAE: hidden must be >= 1"):
+        models.BetaTCVAE(4, 1, 16, dataset_size=10, hidden=0)
 
 
 def test_vae_loss_is_distortion_plus_beta_kl():

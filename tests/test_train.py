@@ -290,6 +290,7 @@ def test_fit_argument_errors(tmp_path):
         (dict(steps=2, batch_size=32), "training set is too small: .* fewer than one global"),
         (dict(steps=2, precision="fp8"), "precision must be one of"),
         (dict(steps=2, lr=0), "lr must be positive"),
+        (dict(steps=2, optimizer="sgd"), "optimizer must be one of"),
         (dict(steps=2, lr_schedule="step"), "lr_schedule must be one of"),
         (dict(steps=2, kl_schedule="cyclical"), "needs kl_cycle_steps"),
         (dict(steps=2, eval_fraction=0.5, eval_dataset=data), "eval_dataset or eval_fraction"),
@@ -393,6 +394,9 @@ def test_existing_checkpoint_needs_resume_and_the_same_model(tmp_path):
     with pytest.raises(ValueError, match="seed=0, this call has seed=1"):
         fit(ToyVAE(), ToyImages(n=16), out_dir=tmp_path, steps=4, batch_size=4, resume=True,
             seed=1, **QUIET)
+    with pytest.raises(ValueError, match="optimizer='adamw', this call has optimizer='adagrad'"):
+        fit(ToyVAE(), ToyImages(n=16), out_dir=tmp_path, steps=4, batch_size=4, resume=True,
+            optimizer="adagrad", **QUIET)
     assert {name: (tmp_path / name).read_text() for name in run_files} == run_files
     assert load_checkpoint(tmp_path)["step"] == 2
 
@@ -404,18 +408,26 @@ RESUME_RUN = dict(steps=11, batch_size=4, lr=1e-2, lr_schedule="cosine", lr_warm
                   eval_batches=1, **QUIET)
 
 
-def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adagrad"])
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, optimizer):
     data = ToyImages(n=24)  # 18 training examples: 4 steps per epoch, 2 dropped
+    run = dict(RESUME_RUN, optimizer=optimizer)
     torch.manual_seed(0)
     reference = ToyVAE()
-    fit(reference, data, out_dir=tmp_path / "whole", **RESUME_RUN)
+    fit(reference, data, out_dir=tmp_path / "whole", **run)
+    state = load_checkpoint(tmp_path / "whole")
+    assert state["optimizer_name"] == optimizer
+    # the state of the optimizer that actually ran: Adagrad's squared-gradient sums, or Adam's
+    assert {"adagrad": "sum", "adamw": "exp_avg"}[optimizer] in state["optimizer"]["state"][0]
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["train"]["optimizer"] \
+        == optimizer
 
     torch.manual_seed(0)
-    first = fit(ToyVAE(), data, out_dir=tmp_path / "parts", stop_after=6, **RESUME_RUN)
+    first = fit(ToyVAE(), data, out_dir=tmp_path / "parts", stop_after=6, **run)
     assert first.step == 6
     torch.manual_seed(123)  # neither the initial weights nor the global RNG state matter
     resumed = ToyVAE()
-    result = fit(resumed, data, out_dir=tmp_path / "parts", resume=True, **RESUME_RUN)
+    result = fit(resumed, data, out_dir=tmp_path / "parts", resume=True, **run)
     assert result.step == 11
     assert_same_parameters(parameters(resumed), parameters(reference))
     whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
@@ -427,7 +439,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
         assert {k: v for k, v in a.items() if k != "images_per_s"} == \
             {k: v for k, v in b.items() if k != "images_per_s"}
     # a third call has nothing left to do
-    assert fit(ToyVAE(), data, out_dir=tmp_path / "parts", resume=True, **RESUME_RUN).step == 11
+    assert fit(ToyVAE(), data, out_dir=tmp_path / "parts", resume=True, **run).step == 11
 
 
 def test_evaluation_does_not_change_training(tmp_path):

@@ -13,6 +13,7 @@ from torch import nn
 from pyvae.models.base import LN2, BaseVAE, ModelOutput, register
 from pyvae.models.conv import ConvDecoder, ConvEncoder, check_image_size
 from pyvae.models.likelihoods import Likelihood
+from pyvae.models.mlp import MLPDecoder, MLPEncoder
 from pyvae.nn.masked_conv import check_int
 from pyvae.ops.kl_decomposition import kl_decomposition
 from pyvae.ops.reparameterize_kl import reparameterize_kl
@@ -30,9 +31,13 @@ def check_images(owner: str, x: torch.Tensor, channels: int, size: tuple[int, in
                         f"got dtype {x.dtype}")
 
 
+#: architecture -> (encoder class, decoder class, default hidden width)
+NETWORKS = {"conv": (ConvEncoder, ConvDecoder, 256), "mlp": (MLPEncoder, MLPDecoder, 1200)}
+
+
 @register
 class VAE(BaseVAE):
-    """Convolutional VAE (β-VAE when ``beta`` ≠ 1) with the architecture of Higgins et al. 2017.
+    """VAE (β-VAE when ``beta`` ≠ 1) with the networks of Higgins et al. 2017.
 
     loss = mean over the batch of  distortion + β · KL(q(z|x) || N(0, I)).
 
@@ -45,7 +50,11 @@ class VAE(BaseVAE):
         likelihood: ``"bernoulli"`` (binary data, default), ``"gaussian"`` or ``"categorical"``
             (8-bit natural images), see :class:`pyvae.models.likelihoods.Likelihood`.
         num_bins: levels of the categorical likelihood.
-        hidden: width of the fully-connected layer (256 in the paper).
+        hidden: width of the fully-connected layers (default: 256 for ``"conv"``, the
+            paper's, and 1200 for ``"mlp"``).
+        architecture: ``"conv"`` (stride-2 convolutions, :mod:`pyvae.models.conv`) or
+            ``"mlp"`` (the fully-connected networks used for 2-D shapes by Higgins et al. and
+            Chen et al., :mod:`pyvae.models.mlp`).
 
     Shapes:
         x (B, C, H, W) in [0, 1]; ``encode`` -> mu, logvar (B, D); ``decode`` -> likelihood
@@ -54,20 +63,28 @@ class VAE(BaseVAE):
     """
 
     def __init__(self, latent_dim: int, channels: int, image_size, beta: float = 1.0,
-                 likelihood: str = "bernoulli", num_bins: int = 256, hidden: int = 256) -> None:
+                 likelihood: str = "bernoulli", num_bins: int = 256, hidden: int | None = None,
+                 architecture: str = "conv") -> None:
         super().__init__()
         owner = type(self).__name__
         self.latent_dim = check_int(owner, "latent_dim", latent_dim, 1)
         self.channels = check_int(owner, "channels", channels, 1)
         self.image_size = check_image_size(owner, image_size)
+        if architecture not in NETWORKS:
+            raise ValueError(f"{owner}: architecture must be one of {tuple(NETWORKS)}, got "
+                             f"{architecture!r}")
+        encoder_class, decoder_class, default_hidden = NETWORKS[architecture]
+        hidden = check_int(owner, "hidden", default_hidden if hidden is None else hidden, 1)
+        self.architecture, self.hidden = architecture, hidden
         self.beta = float(beta)
         self._remember(latent_dim=latent_dim, channels=channels, image_size=list(self.image_size),
-                       beta=self.beta, likelihood=likelihood, num_bins=num_bins, hidden=hidden)
+                       beta=self.beta, likelihood=likelihood, num_bins=num_bins, hidden=hidden,
+                       architecture=architecture)
         self.likelihood = Likelihood(likelihood, channels, num_bins)
-        self.encoder = ConvEncoder(channels, self.image_size, hidden)
+        self.encoder = encoder_class(channels, self.image_size, hidden)
         self.head = nn.Linear(hidden, 2 * latent_dim)
-        self.decoder = ConvDecoder(latent_dim, channels * self.likelihood.params_per_subpixel,
-                                   self.image_size, hidden)
+        self.decoder = decoder_class(latent_dim, channels * self.likelihood.params_per_subpixel,
+                                     self.image_size, hidden)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters: mu, logvar of shape (B, D)."""
@@ -150,7 +167,8 @@ class BetaTCVAE(VAE):
     gradients, so the estimator sees the global batch.
 
     Args:
-        latent_dim, channels, image_size, likelihood, num_bins, hidden: as for :class:`VAE`.
+        latent_dim, channels, image_size, likelihood, num_bins, hidden, architecture: as for
+            :class:`VAE`.
         dataset_size: N, the size of the training set (the estimators' importance weights).
         alpha, beta, gamma: weights of MI, TC and dimension-wise KL.
         estimator: ``"mss"`` (minibatch-stratified sampling) or ``"mws"``.
@@ -162,9 +180,9 @@ class BetaTCVAE(VAE):
     def __init__(self, latent_dim: int, channels: int, image_size, dataset_size: int,
                  alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
                  estimator: str = "mss", likelihood: str = "bernoulli", num_bins: int = 256,
-                 hidden: int = 256) -> None:
+                 hidden: int | None = None, architecture: str = "conv") -> None:
         super().__init__(latent_dim, channels, image_size, beta=beta, likelihood=likelihood,
-                         num_bins=num_bins, hidden=hidden)
+                         num_bins=num_bins, hidden=hidden, architecture=architecture)
         self.dataset_size = check_int(type(self).__name__, "dataset_size", dataset_size, 1)
         if estimator not in ("mss", "mws"):
             raise ValueError(f"BetaTCVAE: estimator must be 'mss' or 'mws', got {estimator!r}")
@@ -173,7 +191,7 @@ class BetaTCVAE(VAE):
         self._remember(latent_dim=latent_dim, channels=channels, image_size=list(self.image_size),
                        dataset_size=dataset_size, alpha=self.alpha, beta=self.beta,
                        gamma=self.gamma, estimator=estimator, likelihood=likelihood,
-                       num_bins=num_bins, hidden=hidden)
+                       num_bins=num_bins, hidden=self.hidden, architecture=architecture)
 
     def loss(self, x: torch.Tensor, kl_weight: float = 1.0) -> ModelOutput:
         mu, logvar, z, kl, distortion = self._sample_and_score(x)

@@ -53,7 +53,7 @@ SIZES = {
                   test_fraction=0.3),
     "default": dict(models=[[9, 1], [9, 3], [15, 1], [15, 3], [15, 5]], grayscale=True,
                     latent_dim=16, hidden_channels=32, cond_channels=16, pixelcnn_hidden=24,
-                    pixelcnn_layers=1, decoder_hidden=128, steps=2000, batch_size=64, lr=2e-3,
+                    pixelcnn_layers=1, decoder_hidden=128, steps=4000, batch_size=64, lr=2e-3,
                     patches_per_image=512, test_crops=0.2, test_patches=2000,
                     probe_models=[[3, 1], [9, 3]], probe_latent_dim=8, probe_steps=400,
                     probe_image_size=16, probe_pool=4, global_latent_dim=16, global_steps=600,

@@ -29,6 +29,7 @@ from pyvae.train.sampler import (EVAL_NOISE, NOISE, SPLIT, WORKERS, ShardedBatch
 from pyvae.train.schedules import KL_SCHEDULES, LR_SCHEDULES, kl_weight, lr_factor
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("adamw", "adagrad")
 STATE_FORMAT = 1
 
 
@@ -97,7 +98,8 @@ def split_dataset(dataset: Dataset, eval_fraction: float, seed: int = 0
             Subset(dataset, sorted(order[:n_eval].tolist())))
 
 
-def _validate(steps, epochs, stop_after, batch_size, lr, weight_decay, betas, lr_schedule,
+def _validate(steps, epochs, stop_after, batch_size, optimizer, lr, weight_decay, betas,
+              lr_schedule,
               lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp,
               grad_clip, precision, eval_dataset, eval_fraction, eval_every, eval_batches,
               log_every, checkpoint_every, seed, num_workers) -> None:
@@ -124,6 +126,8 @@ def _validate(steps, epochs, stop_after, batch_size, lr, weight_decay, betas, lr
     for name, value in [("lr_warmup_steps", lr_warmup_steps), ("kl_warmup_steps", kl_warmup_steps),
                         ("seed", seed), ("num_workers", num_workers)]:
         nonnegative_int(name, value)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"fit: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if not lr > 0:
         raise ValueError(f"fit: lr must be positive, got {lr!r}")
     if not weight_decay >= 0:
@@ -160,7 +164,8 @@ def _seed_everything(seed: int) -> None:
 
 def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         steps: int | None = None, epochs: int | None = None, stop_after: int | None = None,
-        batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
+        batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3,
+        weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999), lr_schedule: str = "constant",
         lr_warmup_steps: int = 0, kl_schedule: str = "linear", kl_warmup_steps: int = 0,
         kl_cycle_steps: int | None = None, kl_cycle_ramp: float = 0.5,
@@ -170,12 +175,12 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         checkpoint_every: int | None = 1000, resume: bool = False, seed: int = 0,
         num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True,
         gather_global_batch: bool = False, extra_config: dict | None = None) -> FitResult:
-    """Train ``model`` on ``dataset`` with AdamW, logging, evaluating and checkpointing into
+    """Train ``model`` on ``dataset`` with AdamW (or Adagrad), logging, evaluating and checkpointing into
     ``out_dir``; exactly resumable, and distributed under ``torchrun``.
 
     Every step draws a global batch from a permutation of the training set that depends only on
     ``(seed, epoch)`` (see :mod:`pyvae.train.sampler`), calls ``model.loss(x, kl_weight)``,
-    back-propagates ``loss`` and takes an AdamW step. Under ``torchrun`` (RANK / WORLD_SIZE /
+    back-propagates ``loss`` and takes an optimizer step. Under ``torchrun`` (RANK / WORLD_SIZE /
     LOCAL_RANK set, or an initialised process group) the model is wrapped in
     DistributedDataParallel and every rank trains on its ``batch_size`` slice of each global
     batch of ``batch_size * world_size`` examples; rank 0 alone logs, shows progress and
@@ -194,7 +199,10 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
             checkpoint), e.g. to fit a job's time limit; ``resume=True`` continues the run. The
             schedules still span ``steps`` / ``epochs``.
         batch_size: examples per step per process.
-        lr, weight_decay, betas: AdamW's learning rate, decoupled weight decay and betas.
+        optimizer: ``"adamw"`` or ``"adagrad"`` (the optimiser of Higgins et al.'s 2-D
+            shapes runs).
+        lr, weight_decay, betas: the learning rate; AdamW's decoupled weight decay (Adagrad's
+            L2 penalty); AdamW's betas (unused by Adagrad).
         lr_schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` decay to 0 at the last step,
             after ``lr_warmup_steps`` steps of linear warm-up
             (:func:`pyvae.train.schedules.lr_factor`).
@@ -235,7 +243,7 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         TrainingDiverged: a step's loss or metrics were not finite; the step was not applied
             and ``out_dir/checkpoint`` still holds the last good checkpoint.
         ValueError: an invalid argument (named in the message), a resumed checkpoint of a
-            different model config, seed, global batch size or training-set size.
+            different model config, optimizer, seed, global batch size or training-set size.
         FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
 
     ``metrics.jsonl`` holds one JSON object per line. Training records (``"split": "train"``,
@@ -258,7 +266,8 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         raise TypeError(f"fit: model must be a pyvae.models.BaseVAE (its config is saved with the "
                         f"weights), got {type(model).__name__}")
     betas = tuple(betas)
-    _validate(steps, epochs, stop_after, batch_size, lr, weight_decay, betas, lr_schedule,
+    _validate(steps, epochs, stop_after, batch_size, optimizer, lr, weight_decay, betas,
+              lr_schedule,
               lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp,
               grad_clip, precision, eval_dataset, eval_fraction, eval_every, eval_batches,
               log_every, checkpoint_every, seed, num_workers)
@@ -268,7 +277,8 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
                              f"gather_global_batch attribute (only models whose loss uses "
                              f"statistics of the whole batch have one)")
         model.gather_global_batch = True
-    args = dict(steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr,
+    args = dict(steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size,
+                optimizer=optimizer, lr=lr,
                 weight_decay=weight_decay, betas=list(betas), lr_schedule=lr_schedule,
                 lr_warmup_steps=lr_warmup_steps, kl_schedule=kl_schedule,
                 kl_warmup_steps=kl_warmup_steps, kl_cycle_steps=kl_cycle_steps,
@@ -336,9 +346,13 @@ class _Trainer:
         self.sizes = {"train_examples": len(dataset),
                       "eval_examples": len(eval_dataset) if eval_dataset is not None else 0}
 
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"],
-                                           betas=tuple(args["betas"]),
-                                           weight_decay=args["weight_decay"])
+        if args["optimizer"] == "adagrad":
+            self.optimizer = torch.optim.Adagrad(model.parameters(), lr=args["lr"],
+                                                 weight_decay=args["weight_decay"])
+        else:
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"],
+                                               betas=tuple(args["betas"]),
+                                               weight_decay=args["weight_decay"])
         total_steps = self.total_steps  # not self: no reference cycle keeps workers alive
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, schedule=args["lr_schedule"], warmup_steps=args["lr_warmup_steps"],
@@ -379,10 +393,17 @@ class _Trainer:
             _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank))
             return 0
         try:
-            state = load_checkpoint(self.out_dir, model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, scaler=self.scaler)
+            state = load_checkpoint(self.out_dir, model, scheduler=self.scheduler,
+                                    scaler=self.scaler)
         except ValueError as error:
             raise ValueError(f"fit(resume=True): {error}") from None
+        saved_optimizer = state.get("optimizer_name", "adamw")  # older checkpoints: AdamW
+        if saved_optimizer != self.args["optimizer"]:
+            raise ValueError(f"fit(resume=True): the checkpoint in "
+                             f"{str(checkpoint_dir(self.out_dir))!r} was trained with "
+                             f"optimizer={saved_optimizer!r}, this call has "
+                             f"optimizer={self.args['optimizer']!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
         expected = {"seed": self.seed, "global_batch_size": self.sampler.global_batch_size,
                     "train_examples": self.sizes["train_examples"]}
         for key, value in expected.items():
@@ -543,6 +564,7 @@ class _Trainer:
                      "seed": self.seed, "global_batch_size": self.sampler.global_batch_size,
                      "train_examples": self.sizes["train_examples"],
                      "world_size": self.dist.world_size,
+                     "optimizer_name": self.args["optimizer"],
                      "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "rng": rng}
