@@ -99,10 +99,9 @@ def split_dataset(dataset: Dataset, eval_fraction: float, seed: int = 0
 
 
 def _validate(steps, epochs, stop_after, batch_size, optimizer, lr, weight_decay, betas,
-              lr_schedule,
-              lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp,
-              grad_clip, precision, eval_dataset, eval_fraction, eval_every, eval_batches,
-              log_every, checkpoint_every, seed, num_workers) -> None:
+              lr_schedule, lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps,
+              kl_cycle_ramp, grad_clip, precision, eval_dataset, eval_fraction, eval_every,
+              eval_batches, log_every, checkpoint_every, seed, num_workers) -> None:
     def positive_int(name, value, optional=True):
         if value is None and optional:
             return
@@ -267,10 +266,9 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
                         f"weights), got {type(model).__name__}")
     betas = tuple(betas)
     _validate(steps, epochs, stop_after, batch_size, optimizer, lr, weight_decay, betas,
-              lr_schedule,
-              lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp,
-              grad_clip, precision, eval_dataset, eval_fraction, eval_every, eval_batches,
-              log_every, checkpoint_every, seed, num_workers)
+              lr_schedule, lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps,
+              kl_cycle_ramp, grad_clip, precision, eval_dataset, eval_fraction, eval_every,
+              eval_batches, log_every, checkpoint_every, seed, num_workers)
     if gather_global_batch:
         if not hasattr(model, "gather_global_batch"):
             raise ValueError(f"fit: gather_global_batch=True, but {type(model).__name__} has no "
