@@ -174,8 +174,8 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         checkpoint_every: int | None = 1000, resume: bool = False, seed: int = 0,
         num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True,
         gather_global_batch: bool = False, extra_config: dict | None = None) -> FitResult:
-    """Train ``model`` on ``dataset`` with AdamW (or Adagrad), logging, evaluating and checkpointing into
-    ``out_dir``; exactly resumable, and distributed under ``torchrun``.
+    """Train ``model`` on ``dataset`` with AdamW (or Adagrad), logging, evaluating and
+    checkpointing into ``out_dir``; exactly resumable, and distributed under ``torchrun``.
 
     Every step draws a global batch from a permutation of the training set that depends only on
     ``(seed, epoch)`` (see :mod:`pyvae.train.sampler`), calls ``model.loss(x, kl_weight)``,
