@@ -230,7 +230,8 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
         f"every representation; MIG: pyvae.metrics.mig_score on {c['mig_points']} random "
         f"shapes (20 bins), not computed for the 4,096 raw pixels. Raw pixels and PCA "
         f"({c['pca_components']} components, fitted on 5,000 training shapes) read the 64×64 "
-        f"images. Higgins et al. trained far longer.",
+        f"images. {c['steps']} steps of {c['batch_size']} are "
+        f"{c['steps'] * c['batch_size'] / c['train_size']:.1f} passes over the training shapes.",
         "Rate and distortion: means over 512 fresh shapes (one posterior sample each).",
     ]
     if c["image_size"] != 64:
