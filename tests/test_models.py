@@ -134,7 +134,7 @@ def test_conv_decoder_restores_every_image_size(size):
 
 def test_vae_architectures_and_errors():
     mlp = models.VAE(10, 1, 64, architecture="mlp")
-    # the fully-connected networks of Higgins et al. / Chen et al. for 64×64 shapes
+    # the fully-connected networks of Chen et al. for 64×64 shapes
     widths = [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [1200, 1200, 20, 1200, 1200, 1200, 4096]
     assert mlp.config["architecture"] == "mlp" and mlp.config["hidden"] == 1200

@@ -53,8 +53,8 @@ class VAE(BaseVAE):
         hidden: width of the fully-connected layers (default: 256 for ``"conv"``, the
             paper's, and 1200 for ``"mlp"``).
         architecture: ``"conv"`` (stride-2 convolutions, :mod:`pyvae.models.conv`) or
-            ``"mlp"`` (the fully-connected networks used for 2-D shapes by Higgins et al. and
-            Chen et al., :mod:`pyvae.models.mlp`).
+            ``"mlp"`` (the fully-connected networks Chen et al. used for 2-D shapes,
+            :mod:`pyvae.models.mlp`).
 
     Shapes:
         x (B, C, H, W) in [0, 1]; ``encode`` -> mu, logvar (B, D); ``decode`` -> likelihood

@@ -198,8 +198,7 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
             checkpoint), e.g. to fit a job's time limit; ``resume=True`` continues the run. The
             schedules still span ``steps`` / ``epochs``.
         batch_size: examples per step per process.
-        optimizer: ``"adamw"`` or ``"adagrad"`` (the optimiser of Higgins et al.'s 2-D
-            shapes runs).
+        optimizer: ``"adamw"`` or ``"adagrad"``.
         lr, weight_decay, betas: the learning rate; AdamW's decoupled weight decay (Adagrad's
             L2 penalty); AdamW's betas (unused by Adagrad).
         lr_schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` decay to 0 at the last step,
