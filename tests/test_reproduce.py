@@ -127,6 +127,33 @@ def test_cli_runs_an_experiment(tmp_path, capsys):
 
 # ---- the estimators of tcvae_decomposition ------------------------------------------------------
 
+def _metric_scores(vae, beta_vae, raw=0.76):
+    """Per-seed β-VAE metric results (in %) in the shape beta_vae_metric's run() collects."""
+    codes = lambda values: [{"eval_accuracy": v / 100, "mig": 0.1} for v in values]
+    return {"raw pixels": [{"eval_accuracy": raw}], "PCA": codes([98.5]),
+            "VAE untrained": codes([26.2] * len(vae)), "VAE (β=1)": codes(vae),
+            "β-VAE": codes(beta_vae)}
+
+
+@pytest.mark.parametrize("vae, beta_vae, held", [
+    ([89.0, 82.8], [91.8, 98.5], True),   # wins in both seeds by more than the spread
+    ([89.0, 82.8, 97.2, 97.8, 98.8], [91.8, 98.5, 87.2, 93.0, 96.2], False),  # +0.2: a tie
+    ([95.0, 96.0, 94.0], [96.0, 95.5, 95.0], False),  # wins 2 of 3, gap within the spread
+    ([90.0, 91.0, 92.0], [97.0, 98.0, 80.0], False),  # one bad seed: spread 8 > gap 0.7 ...
+    ([90.0, 91.0, 92.0], [97.0, 98.0, 99.0], True),   # ... without it, far apart
+    ([80.0], [90.0], True),                           # one seed: the means decide
+    ([90.0], [80.0], False),
+    ([70.0, 71.0], [97.0, 98.0], False),              # VAE below raw pixels (76 %)
+])
+def test_beta_vae_metric_judges_ties_as_ties(vae, beta_vae, held):
+    from pyvae.reproduce.beta_vae_metric import judge
+    verdict, text = judge(_metric_scores(vae, beta_vae))
+    assert verdict is held
+    assert ("does not hold" in text) is (not held)
+    if len(vae) > 1:
+        assert f"in {sum(b > v for b, v in zip(beta_vae, vae))} of {len(vae)} seeds" in text
+
+
 def test_exact_decomposition_matches_its_reference():
     generator = torch.Generator().manual_seed(0)
     mu = torch.randn(300, 5, generator=generator)
