@@ -141,8 +141,7 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
                 models[name] = model
 
     def stat(name, key, scale=1.0):
-        values = [scale * r[key] for r in scores[name] if r.get(key) is not None]
-        return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
+        return seed_stats(scores, name, key, scale)
 
     rows = []
     for name in scores:
@@ -229,6 +228,14 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     return Report([table], held, finding, pictures, notes, data)
 
 
+def seed_stats(scores: dict[str, list[dict]], name: str, key: str, scale: float = 1.0
+               ) -> tuple[float | None, float | None]:
+    """Mean and standard deviation over training seeds of ``scale * result[key]`` for one
+    representation (None, None where no seed has the value, e.g. the MIG of raw pixels)."""
+    values = [scale * r[key] for r in scores[name] if r.get(key) is not None]
+    return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
+
+
 def judge(scores: dict[str, list[dict]]) -> tuple[bool, str]:
     """Whether the seed's ordering β-VAE > VAE > raw pixels held, and the sentence that says so.
 
@@ -238,16 +245,13 @@ def judge(scores: dict[str, list[dict]]) -> tuple[bool, str]:
     only if the β-VAE also beats the VAE of the same seed in most seeds and the gap between the
     means is larger than the larger of the two standard deviations.
     """
-    def mean(name, key="eval_accuracy", scale=1.0):  # computed as run()'s table does
-        values = [scale * r[key] for r in scores[name] if r.get(key) is not None]
-        return float(np.mean(values)) if values else float("nan")
-
     vae, beta = scores["VAE (β=1)"], scores["β-VAE"]
-    acc = {name: mean(name, scale=100) for name in scores}  # %
+    acc = {name: seed_stats(scores, name, "eval_accuracy", 100)[0] for name in scores}  # %
     gap = acc["β-VAE"] - acc["VAE (β=1)"]
     seeds = len(vae)
     wins = sum(b["eval_accuracy"] > v["eval_accuracy"] for b, v in zip(beta, vae))
-    noise = 100 * max(float(np.std([r["eval_accuracy"] for r in runs])) for runs in (vae, beta))
+    noise = max(seed_stats(scores, name, "eval_accuracy", 100)[1]
+                for name in ("VAE (β=1)", "β-VAE"))
     beta_above = gap > 0 and (seeds == 1 or (2 * wins > seeds and gap > noise))
     held = beta_above and acc["VAE (β=1)"] > acc["raw pixels"]
     order = sorted(acc, key=acc.get, reverse=True)
@@ -266,7 +270,7 @@ def judge(scores: dict[str, list[dict]]) -> tuple[bool, str]:
     if min(acc["VAE (β=1)"], acc["β-VAE"]) > 80:
         finding += (" Both trained VAEs score far above the seed's 61.58 % for the VAE, so the "
                     "seed's large VAE-to-β-VAE gap does not appear at this training length.")
-    mig_vae, mig_beta = mean("VAE (β=1)", "mig"), mean("β-VAE", "mig")
+    mig_vae, mig_beta = (seed_stats(scores, name, "mig")[0] for name in ("VAE (β=1)", "β-VAE"))
     finding += (f" The MIG ranks the β-VAE {'above' if mig_beta > mig_vae else 'not above'} the "
                 f"VAE ({mig_beta:.3f} vs {mig_vae:.3f}).")
     finding += (f" PCA scores {acc['PCA']:.1f} % (seed: 84.9 %), the untrained VAE "
