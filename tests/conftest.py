@@ -36,3 +36,27 @@ def backend_params(include_reference: bool = False):
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a freshly mounted 2 MiB tmpfs, for full-disk tests: ``small_disk(size)``
+    mounts one of ``size`` bytes and returns its path. Needs root and mount permission (the CI
+    machines have both); skips where the mount is refused."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: int = 2 << 20):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
