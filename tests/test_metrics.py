@@ -367,10 +367,24 @@ def test_factor_vae_score_on_known_codes():
     assert collapsed == {"train_accuracy": 1.0, "eval_accuracy": 1.0, "num_active_dims": 3}
     assert metrics.factor_vae_score(lambda x: 0.01 * x.flatten(1), Toy, **sizes) == {
         "train_accuracy": 0.0, "eval_accuracy": 0.0, "num_active_dims": 0}
-    # disentanglement_lib's threshold 0 keeps such small-scale dimensions.
-    small = metrics.factor_vae_score(lambda x: 0.01 * x.flatten(1), Toy, variance_threshold=0.0,
+    # std_threshold=0 (disentanglement_lib's bare default) keeps such small-scale dimensions.
+    small = metrics.factor_vae_score(lambda x: 0.01 * x.flatten(1), Toy, std_threshold=0.0,
                                      **sizes)
     assert small["eval_accuracy"] == 1.0 and small["num_active_dims"] == 3
+    with pytest.raises(ValueError, match="std_threshold must be >= 0"):
+        metrics.factor_vae_score(perfect, Toy, std_threshold=float("nan"), **sizes)
+
+
+def test_factor_vae_score_prunes_on_std_not_variance():
+    # Codes of std ~0.1 (variance ~0.01) carry the factors: disentanglement_lib keeps them
+    # (std >= 0.05); a variance threshold of 0.05 would drop every one.
+    sizes = dict(batch_size=32, num_train=300, num_eval=300, num_variance_estimate=1000, seed=0)
+    scale = torch.as_tensor(0.1 / np.sqrt((SIZES ** 2 - 1) / 12), dtype=torch.float32)
+    codes = lambda x: x.flatten(1) * scale  # noqa: E731  (std 0.1 for every factor)
+    variances = codes(Toy.render(Toy.sample_factors(1000, np.random.default_rng(0)))).var(0)
+    assert bool((variances < 0.05).all()) and bool((variances.sqrt() >= 0.05).all())
+    assert metrics.factor_vae_score(codes, Toy, **sizes) == {
+        "train_accuracy": 1.0, "eval_accuracy": 1.0, "num_active_dims": 3}
 
 
 def test_sampling_metric_errors():
