@@ -37,7 +37,16 @@ def run_pytest(quick: bool, select: str | None) -> dict:
             cmd.append("--quick")
         if select:
             cmd += ["-k", select]
-        subprocess.run(cmd, check=True, cwd=HERE)
+        status = subprocess.run(cmd, cwd=HERE).returncode
+        if status == 5:  # pytest: no tests collected
+            print(f"benchmarks/run.py: error: no benchmark case matches -k {select!r}"
+                  if select else "benchmarks/run.py: error: no benchmark cases found",
+                  file=sys.stderr)
+            sys.exit(2)
+        if status != 0:
+            print(f"benchmarks/run.py: error: the benchmarks failed (pytest exit status "
+                  f"{status}; its output is above)", file=sys.stderr)
+            sys.exit(1)
         with open(out) as f:
             return json.load(f)
 

@@ -12,7 +12,14 @@ import torch
 
 import pyvae
 from pyvae import demo as demo_module
+from pyvae._device import check_device
+from pyvae.errors import UserError
 from pyvae.ops import _backend
+
+# What a user's mistake raises (a bad argument, a missing or damaged file, a busy directory): the
+# command prints it as one line and exits with status 2. Anything else is a bug and keeps its
+# traceback; PYVAE_TRACEBACK=1 shows the traceback of user errors too.
+USER_ERRORS = (UserError, ValueError, TypeError, OSError)
 
 
 def cmd_info(args) -> int:
@@ -162,8 +169,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     return train
 
 
-class _UsageError(Exception):
-    pass
+class _UsageError(UserError):
+    """A bad combination of command-line flags or config entries."""
 
 
 def _key_values(pairs: list[str], flag: str) -> dict:
@@ -220,8 +227,17 @@ def _train_settings(args) -> tuple[dict, dict, dict | None, dict]:
     """Merge --config and the flags into (model, data, eval_data, train) sections."""
     config = {}
     if args.config:
-        with open(args.config) as file:
-            config = json.load(file)
+        try:
+            with open(args.config) as file:
+                config = json.load(file)
+        except OSError as error:
+            raise _UsageError(f"--config {args.config!r}: cannot read it ({error.strerror or error})"
+                              ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise _UsageError(f"--config {args.config!r} is not valid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise _UsageError(f"--config {args.config!r} must hold a JSON object with \"model\", "
+                              f"\"data\", \"eval_data\" and \"train\" sections")
         unknown = set(config) - {"model", "data", "eval_data", "train"}
         if unknown:
             raise _UsageError(f"--config: unknown sections {sorted(unknown)}; expected model, "
@@ -246,10 +262,11 @@ def _train_settings(args) -> tuple[dict, dict, dict | None, dict]:
                                                         "gather_global_batch"]:
         if getattr(args, name) is not None:
             train[name] = getattr(args, name)
-    # A run's length given on the command line replaces the config's, whichever unit it uses.
-    if args.steps is not None:
+    # A run's length given on the command line replaces the config's, whichever unit it uses
+    # (both flags at once reach fit, which says to give one).
+    if args.steps is not None and args.epochs is None:
         train.pop("epochs", None)
-    if args.epochs is not None:
+    if args.epochs is not None and args.steps is None:
         train.pop("steps", None)
     if args.out:
         train["out_dir"] = args.out
@@ -282,6 +299,8 @@ def cmd_train(args) -> int:
             train["eval_dataset"] = _load_dataset(
                 eval_config["spec"], {k: v for k, v in eval_config.items() if k != "spec"})
         model_config.update(_data_kwargs(MODELS[name], model_config, dataset, train))
+        if "device" in train:
+            check_device(train["device"], "--device")
     except _UsageError as error:
         print(f"pyvae train: error: {error}", file=sys.stderr)
         return 2
@@ -395,10 +414,12 @@ def cmd_encode(args) -> int:
     from pyvae.train import load_model
     try:
         model = load_model(args.checkpoint)
-    except (OSError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"pyvae encode: error: CHECKPOINT: {error}", file=sys.stderr)
         return 2
     device = args.device
+    if device is not None:
+        check_device(device, "--device")
     if device is None and "RANK" not in os.environ and torch.cuda.is_available():
         device = "cuda"
     try:
@@ -457,9 +478,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (KeyError-style quotes and newlines removed)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
 def main(argv=None) -> int:
+    """Run one ``pyvae`` command; returns its exit status (2 for a user error, 130 when
+    interrupted)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"pyvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if os.environ.get("PYVAE_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"pyvae {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

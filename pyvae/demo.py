@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pyvae import viz
+from pyvae._device import check_device
 from pyvae.data import Photos, RandomPatches
 from pyvae.encode import encode_dataset, encode_patches, fully_convolutional, open_features
 from pyvae.encode.similarity import save_similarity_png, similarity_map
@@ -50,7 +51,7 @@ def run_demo(out: str = "demo-output", *, patch_size: int = 9, independence: int
     """Run the demo pipeline; returns the summary that it prints and saves as summary.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     photos = Photos(crop_size=64)
     print(f"data: {len(photos)} crops of 64×64 from scikit-learn's sample photographs; "
           f"device {device}")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pyvae import viz
+from pyvae._device import check_device
 from pyvae.metrics import evaluate, psnr
 
 CURVE_KEYS = ("loss", "distortion", "rate_bits", "bits_per_dim")
@@ -437,7 +438,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                                 f"config.json, metrics.jsonl or checkpoint/")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
+    device = check_device(device)
     rep = _Report(out)
     config = _read_config(run_dir, rep.notes)
     records = _read_records(run_dir, rep.notes)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from pyvae._device import check_device
 from pyvae.train import fit, read_metrics
 
 LN2 = math.log(2.0)
@@ -173,7 +174,7 @@ def resolve_device(device) -> torch.device:
     """``None`` -> cuda when available, else cpu."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return check_device(device)
 
 
 # ---- the machine ------------------------------------------------------------------------------

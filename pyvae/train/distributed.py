@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pyvae._device import check_device
+
 # Process groups setup() has created in this process; the same count on every rank as long as
 # the ranks call fit alike.
 _groups_created = 0
@@ -70,7 +72,7 @@ def setup(device: str | torch.device | None, default: torch.device) -> Distribut
     mean ``cuda:LOCAL_RANK`` when CUDA is available (else the CPU); the group is created with
     NCCL for CUDA devices and Gloo otherwise.
     """
-    device = torch.device(device) if device is not None else None
+    device = check_device(device) if device is not None else None
     if not dist.is_initialized() and not launched_by_torchrun():
         device = device or default
         if device.type == "cuda" and device.index is None:
