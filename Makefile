@@ -10,7 +10,7 @@ STAMP := $(VENV)/.pyvae-installed
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 CU_SOURCES := $(shell find csrc -name '*.cu')
 
-.PHONY: setup test demo bench bench-quick cuda-check gpu-check clean
+.PHONY: setup test demo bench bench-quick cuda-check wheel-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,12 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PY) -m pip install --no-build-isolation -e .
 	@touch $@
 
-test: setup cuda-check
+test: setup cuda-check wheel-check
 	$(PY) -m pytest tests
+
+# Builds the wheel, installs it in a fresh venv outside the checkout, runs the CLI and one op.
+wheel-check: setup
+	.ci/wheel-check $(PY)
 
 # The main job on bundled photographs: train a patch VAE, encode at stride 1, report, draw.
 demo: setup

@@ -9,7 +9,7 @@ Install without build isolation so that the extension compiles against the insta
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 
@@ -45,9 +45,9 @@ def extension():
 
 
 setup(
-    packages=["pyvae", "pyvae.ops", "pyvae.nn", "pyvae.models", "pyvae.data", "pyvae.train",
-              "pyvae.encode",
-              "pyvae.kernels"],
+    # Every package under pyvae/ (found, so a new subpackage cannot be left out of the wheel),
+    # plus the Triton kernels, which live in the top-level kernels/ folder.
+    packages=find_packages(include=["pyvae", "pyvae.*"]) + ["pyvae.kernels"],
     package_dir={"pyvae.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
