@@ -7,6 +7,7 @@
 
 #include <torch/library.h>
 
+#include "ops/checks.h"
 #include "ops/reparameterize_kl.h"  // kl_dtype
 
 #ifdef PYVAE_WITH_CUDA
@@ -21,24 +22,17 @@ namespace pyvae {
 
 void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
                                  const at::Tensor& logvar) {
-  TORCH_CHECK(z.dim() == 2, "kl_decomposition: z must be 2-D (batch, dim), got ", z.sizes());
-  TORCH_CHECK(at::isFloatingType(z.scalar_type()),
-              "kl_decomposition: z must be floating point, got ", z.scalar_type());
+  constexpr const char* op = "kl_decomposition";
+  TORCH_CHECK(z.defined() && z.dim() == 2, op, ": z must be 2-D (batch, dim), got ",
+              z.defined() ? z.sizes() : at::IntArrayRef());
+  check_kernel_dtype(op, "z", z);
   // Fewer than two samples leave no other posterior to estimate the aggregate one from.
-  TORCH_CHECK(z.size(0) >= 2, "kl_decomposition: need a batch of at least 2, got ", z.size(0));
-  TORCH_CHECK(z.size(1) >= 1, "kl_decomposition: need at least one latent dimension");
-  auto check_like_z = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == z.sizes(), "kl_decomposition: ", name, " has shape ", t.sizes(),
-                " but z has ", z.sizes());
-    TORCH_CHECK(t.scalar_type() == z.scalar_type(), "kl_decomposition: ", name, " is ",
-                t.scalar_type(), " but z is ", z.scalar_type());
-    TORCH_CHECK(t.device() == z.device(), "kl_decomposition: ", name, " is on ", t.device(),
-                " but z is on ", z.device());
-    TORCH_CHECK(t.is_contiguous(), "kl_decomposition: ", name, " must be contiguous");
-  };
-  check_like_z(z, "z");
-  check_like_z(mu, "mu");
-  check_like_z(logvar, "logvar");
+  TORCH_CHECK(z.size(0) >= 2, op, ": need a batch of at least 2, got ", z.size(0));
+  TORCH_CHECK(z.size(1) >= 1, op, ": need at least one latent dimension, got z of shape ",
+              z.sizes());
+  check_like(op, "z", z, z, "like z");
+  check_like(op, "mu", mu, z, "like z");
+  check_like(op, "logvar", logvar, z, "like z");
 }
 
 void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_log_qz,
@@ -47,21 +41,20 @@ void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_
                                           const at::Tensor& logvar, const at::Tensor& log_qz,
                                           const at::Tensor& lse_marginal) {
   check_kl_decomposition_args(z, mu, logvar);
+  constexpr const char* op = "kl_decomposition";
+  // The saved outputs and their incoming gradients: (B,) and (B, D) in the accumulation dtype.
   const at::ScalarType acc = kl_dtype(z.scalar_type());
-  auto check_acc = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK(t.sizes() == shape, "kl_decomposition: ", name, " has shape ", t.sizes(),
-                " but expected ", shape);
-    TORCH_CHECK(t.scalar_type() == acc, "kl_decomposition: ", name, " is ", t.scalar_type(),
-                " but expected ", acc, " for ", z.scalar_type(), " inputs");
-    TORCH_CHECK(t.device() == z.device(), "kl_decomposition: ", name, " is on ", t.device(),
-                " but z is on ", z.device());
-    TORCH_CHECK(t.is_contiguous(), "kl_decomposition: ", name, " must be contiguous");
-  };
   const int64_t rows[1] = {z.size(0)};
-  check_acc(log_qz, rows, "log_qz");
-  check_acc(lse_marginal, z.sizes(), "lse_marginal");
-  if (grad_log_qz.has_value()) check_acc(*grad_log_qz, rows, "grad_log_qz");
-  if (grad_lse_marginal.has_value()) check_acc(*grad_lse_marginal, z.sizes(), "grad_lse_marginal");
+  check_tensor(op, "log_qz", log_qz, rows, acc, z.device(), "like the forward's log_qz");
+  check_tensor(op, "lse_marginal", lse_marginal, z.sizes(), acc, z.device(),
+               "like the forward's lse_marginal");
+  if (grad_log_qz.has_value()) {
+    check_tensor(op, "grad_log_qz", *grad_log_qz, rows, acc, z.device(), "like log_qz");
+  }
+  if (grad_lse_marginal.has_value()) {
+    check_tensor(op, "grad_lse_marginal", *grad_lse_marginal, z.sizes(), acc, z.device(),
+                 "like lse_marginal");
+  }
 }
 
 TORCH_LIBRARY_FRAGMENT(pyvae, m) {

@@ -6,7 +6,7 @@
 
 namespace pyvae {
 
-// z, mu, logvar: 2-D (B, D) contiguous tensors of one floating dtype and device, B >= 2, D >= 1.
+// z, mu, logvar: 2-D (B, D) contiguous tensors of one kernel dtype and device, B >= 2, D >= 1.
 void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
                                  const at::Tensor& logvar);
 

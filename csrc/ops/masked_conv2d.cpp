@@ -10,6 +10,8 @@
 #include <array>
 #include <limits>
 
+#include "ops/checks.h"
+
 #ifdef PYVAE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,66 +22,50 @@
 
 namespace pyvae {
 
-namespace {
-
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "masked_conv2d: ", name, " is ",
-              t.scalar_type(), " but x is ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "masked_conv2d: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.is_contiguous(), "masked_conv2d: ", name, " must be contiguous");
-}
-
-}  // namespace
-
 void check_masked_conv2d_args(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t mask_type,
                               int64_t color_channels, int64_t dilation) {
-  TORCH_CHECK(x.dim() == 4, "masked_conv2d: x must be 4-D (N, C_in, H, W), got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "masked_conv2d: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 4, "masked_conv2d: weight must be 4-D (C_out, C_in, k, k), got ",
-              weight.sizes());
+  constexpr const char* op = "masked_conv2d";
+  TORCH_CHECK(x.defined() && x.dim() == 4, op, ": x must be 4-D (N, C_in, H, W), got ",
+              x.defined() ? x.sizes() : at::IntArrayRef());
+  check_kernel_dtype(op, "x", x);
+  TORCH_CHECK(weight.defined() && weight.dim() == 4, op,
+              ": weight must be 4-D (C_out, C_in, k, k), got ",
+              weight.defined() ? weight.sizes() : at::IntArrayRef());
   const int64_t k = weight.size(2);
-  TORCH_CHECK(weight.size(3) == k && k % 2 == 1,
-              "masked_conv2d: weight must have a square kernel of odd size, got ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "masked_conv2d: x has ", x.size(1),
+  TORCH_CHECK(weight.size(3) == k && k % 2 == 1, op,
+              ": weight must have a square kernel of odd size, got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": x has ", x.size(1),
               " channels but weight expects ", weight.size(1));
-  TORCH_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1,
-              "masked_conv2d: need at least one input and one output channel, got weight ",
-              weight.sizes());
-  check_like_x(x, x, "x");
-  check_like_x(weight, x, "weight");
+  TORCH_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1, op,
+              ": need at least one input and one output channel, got weight ", weight.sizes());
+  check_like(op, "x", x, x, "like x");
+  check_tensor(op, "weight", weight, weight.sizes(), x.scalar_type(), x.device(),
+               "dtype and device of x");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "masked_conv2d: bias must have shape (C_out,) = (", weight.size(0), "), got ",
-                bias->sizes());
-    check_like_x(*bias, x, "bias");
+    check_tensor(op, "bias", *bias, {weight.size(0)}, x.scalar_type(), x.device(),
+                 "C_out of weight, dtype and device of x");
   }
-  TORCH_CHECK(mask_type == 0 || mask_type == 1,
-              "masked_conv2d: mask_type must be 0 (A) or 1 (B), got ", mask_type);
+  TORCH_CHECK(mask_type == 0 || mask_type == 1, op,
+              ": mask_type must be 0 (A) or 1 (B), got ", mask_type);
   TORCH_CHECK(color_channels >= 1 && x.size(1) % color_channels == 0 &&
                   weight.size(0) % color_channels == 0,
-              "masked_conv2d: color_channels (", color_channels,
-              ") must be >= 1 and divide C_in (", x.size(1), ") and C_out (", weight.size(0),
-              ")");
+              op, ": color_channels (", color_channels, ") must be >= 1 and divide C_in (",
+              x.size(1), ") and C_out (", weight.size(0), ")");
   // The CUDA launchers take the geometry as int; dilation * k also bounds the padding.
-  TORCH_CHECK(dilation >= 1 && dilation <= std::numeric_limits<int>::max() / k,
-              "masked_conv2d: dilation must be >= 1 (and dilation * k fit an int), got ",
-              dilation);
+  TORCH_CHECK(dilation >= 1 && dilation <= std::numeric_limits<int>::max() / k, op,
+              ": dilation must be >= 1 and dilation * k (k = ", k, ") at most ",
+              std::numeric_limits<int>::max(), ", got ", dilation);
 }
 
 void check_masked_conv2d_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
                                        const at::Tensor& weight, int64_t mask_type,
                                        int64_t color_channels, int64_t dilation) {
   check_masked_conv2d_args(x, weight, std::nullopt, mask_type, color_channels, dilation);
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) &&
-                  grad_y.size(1) == weight.size(0) && grad_y.size(2) == x.size(2) &&
-                  grad_y.size(3) == x.size(3),
-              "masked_conv2d: grad_y must have shape (N, C_out, H, W) = (", x.size(0), ", ",
-              weight.size(0), ", ", x.size(2), ", ", x.size(3), "), got ", grad_y.sizes());
-  check_like_x(grad_y, x, "grad_y");
+  // The gradient of y: (N, C_out, H, W) in x's dtype.
+  check_tensor("masked_conv2d", "grad_y", grad_y,
+               {x.size(0), weight.size(0), x.size(2), x.size(3)}, x.scalar_type(), x.device(),
+               "like y = (N, C_out, H, W)");
 }
 
 TORCH_LIBRARY_FRAGMENT(pyvae, m) {

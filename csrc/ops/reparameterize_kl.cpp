@@ -6,6 +6,8 @@
 
 #include <torch/library.h>
 
+#include "ops/checks.h"
+
 #ifdef PYVAE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,34 +27,40 @@ void check_reparameterize_kl_args(const at::Tensor& mu, const at::Tensor& logvar
                                   const std::optional<at::Tensor>& seed,
                                   const std::optional<at::Tensor>& prior_mu,
                                   const std::optional<at::Tensor>& prior_logvar) {
-  TORCH_CHECK(mu.dim() == 2, "reparameterize_kl: mu must be 2-D (rows, cols), got ", mu.sizes());
-  TORCH_CHECK(at::isFloatingType(mu.scalar_type()),
-              "reparameterize_kl: mu must be floating point, got ", mu.scalar_type());
+  constexpr const char* op = "reparameterize_kl";
+  TORCH_CHECK(mu.defined() && mu.dim() == 2, op, ": mu must be 2-D (rows, cols), got ",
+              mu.defined() ? mu.sizes() : at::IntArrayRef());
+  check_kernel_dtype(op, "mu", mu);
   TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
-              "reparameterize_kl: prior_mu and prior_logvar must be given together");
-  TORCH_CHECK(eps.has_value() || seed.has_value(), "reparameterize_kl: need eps or a seed");
-  auto check_like_mu = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == mu.sizes(), "reparameterize_kl: ", name, " has shape ", t.sizes(),
-                " but mu has ", mu.sizes());
-    TORCH_CHECK(t.scalar_type() == mu.scalar_type(), "reparameterize_kl: ", name, " is ",
-                t.scalar_type(), " but mu is ", mu.scalar_type());
-    TORCH_CHECK(t.device() == mu.device(), "reparameterize_kl: ", name, " is on ", t.device(),
-                " but mu is on ", mu.device());
-    TORCH_CHECK(t.is_contiguous(), "reparameterize_kl: ", name, " must be contiguous");
-  };
-  check_like_mu(mu, "mu");
-  check_like_mu(logvar, "logvar");
-  if (eps.has_value()) check_like_mu(*eps, "eps");
+              op, ": prior_mu and prior_logvar must be given together");
+  TORCH_CHECK(eps.has_value() || seed.has_value(), op, ": need eps or a seed");
+  check_like(op, "mu", mu, mu, "like mu");
+  check_like(op, "logvar", logvar, mu, "like mu");
+  if (eps.has_value()) check_like(op, "eps", *eps, mu, "like mu");
   if (prior_mu.has_value()) {
-    check_like_mu(*prior_mu, "prior_mu");
-    check_like_mu(*prior_logvar, "prior_logvar");
+    check_like(op, "prior_mu", *prior_mu, mu, "like mu");
+    check_like(op, "prior_logvar", *prior_logvar, mu, "like mu");
   }
   if (!eps.has_value()) {
-    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong,
-                "reparameterize_kl: seed must be one int64, got ", seed->scalar_type(),
-                seed->sizes());
-    TORCH_CHECK(seed->device() == mu.device(), "reparameterize_kl: seed is on ", seed->device(),
-                " but mu is on ", mu.device());
+    // Read as one int64 on mu's device (by the CUDA kernels without a host sync).
+    check_tensor(op, "seed", *seed, {1}, at::kLong, mu.device(), "one int64 on mu's device");
+  }
+}
+
+void check_reparameterize_kl_backward_args(const std::optional<at::Tensor>& grad_z,
+                                           const std::optional<at::Tensor>& grad_kl,
+                                           const at::Tensor& mu, const at::Tensor& logvar,
+                                           const std::optional<at::Tensor>& eps,
+                                           const std::optional<at::Tensor>& seed,
+                                           const std::optional<at::Tensor>& prior_mu,
+                                           const std::optional<at::Tensor>& prior_logvar) {
+  check_reparameterize_kl_args(mu, logvar, eps, seed, prior_mu, prior_logvar);
+  constexpr const char* op = "reparameterize_kl";
+  // The incoming gradients of z (rows, cols) in mu's dtype and of kl (rows,) in kl's dtype.
+  if (grad_z.has_value()) check_like(op, "grad_z", *grad_z, mu, "like z");
+  if (grad_kl.has_value()) {
+    check_tensor(op, "grad_kl", *grad_kl, {mu.size(0)}, kl_dtype(mu.scalar_type()), mu.device(),
+                 "like kl");
   }
 }
 
@@ -98,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_bac
     const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& prior_mu,
     const std::optional<at::Tensor>& prior_logvar) {
-  check_reparameterize_kl_args(mu, logvar, eps, seed, prior_mu, prior_logvar);
+  check_reparameterize_kl_backward_args(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
+                                        prior_logvar);
   const c10::cuda::CUDAGuard guard(mu.device());
   at::Tensor grad_mu = at::empty_like(mu);
   at::Tensor grad_logvar = at::empty_like(mu);

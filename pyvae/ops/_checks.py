@@ -67,3 +67,45 @@ def check_finite(op: str, **tensors: torch.Tensor | None) -> None:
         if value is not None and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{op}: {name} contains NaN or infinite values "
                              f"(nan_policy='raise')")
+
+
+# ---- kernel entry points ------------------------------------------------------------------------
+# The Triton custom ops (pyvae::<op>_{forward,backward}_triton) check what their kernels read as
+# the C++ ops do (csrc/ops/checks.h): a RuntimeError "<op>: <name> has shape [1, 64] but expected
+# [4000000, 64] (like z)", so a direct torch.ops call never reads out of bounds. The public ops
+# reject bad arguments earlier with ValueError / TypeError.
+
+def _sizes(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def kernel_dtype(op: str, name: str, value) -> None:
+    """``value`` must be a tensor of a dtype the kernels are instantiated for."""
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, "
+                           f"got {value.dtype}")
+
+
+def kernel_tensor(op: str, name: str, value, shape, dtype: torch.dtype, device: torch.device,
+                  why: str) -> None:
+    """``value`` must be a contiguous tensor of exactly ``shape``, ``dtype`` and ``device``;
+    ``why`` (e.g. "like mu") ends the messages in parentheses."""
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(f"{op}: {name} is missing (got {type(value).__name__})")
+    if tuple(value.shape) != tuple(shape):
+        raise RuntimeError(f"{op}: {name} has shape {_sizes(value.shape)} but expected "
+                           f"{_sizes(shape)} ({why})")
+    if value.dtype != dtype:
+        raise RuntimeError(f"{op}: {name} has dtype {value.dtype} but expected {dtype} ({why})")
+    if value.device != device:
+        raise RuntimeError(f"{op}: {name} is on {value.device} but expected {device} ({why})")
+    if not value.is_contiguous():
+        raise RuntimeError(f"{op}: {name} must be contiguous, got strides "
+                           f"{_sizes(value.stride())} for shape {_sizes(value.shape)}")
+
+
+def kernel_like(op: str, name: str, value, ref: torch.Tensor, why: str) -> None:
+    """:func:`kernel_tensor` with ``ref``'s shape, dtype and device."""
+    kernel_tensor(op, name, value, ref.shape, ref.dtype, ref.device, why)

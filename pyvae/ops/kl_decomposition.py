@@ -51,7 +51,8 @@ def pair_log_weights(estimator: str, batch: int, dataset_size: int) -> tuple[flo
     ``"mws"``: -log(N·B) for every pair. ``"mss"``: log(1/N), log((N-B+1)/(N(B-1))) and
     log(1/(B-1)), so that each row's weights sum to one (Chen et al. 2018, Appendix C).
     """
-    n, b = dataset_size, batch
+    # Python ints: a numpy int64 N·B would overflow silently.
+    n, b = int(dataset_size), int(batch)
     if estimator == "mws":
         w = -math.log(n * b)
         return w, w, w
@@ -166,11 +167,46 @@ if _backend.EXTENSION_ERROR is None:
                        torch.ops.pyvae.kl_decomposition_backward.default)
 
 
+def _check_kernel_args(z, mu, logvar) -> None:
+    """The checks of check_kl_decomposition_args (csrc/ops/kl_decomposition.cpp), for the
+    Triton custom ops: RuntimeErrors naming the argument before a kernel reads any pointer."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        raise RuntimeError(f"{OP}: z must be 2-D (batch, dim), got "
+                           f"{getattr(z, 'shape', type(z).__name__)}")
+    _checks.kernel_dtype(OP, "z", z)
+    if z.shape[0] < 2:
+        raise RuntimeError(f"{OP}: need a batch of at least 2, got {z.shape[0]}")
+    if z.shape[1] < 1:
+        raise RuntimeError(f"{OP}: need at least one latent dimension, got z of shape "
+                           f"{tuple(z.shape)}")
+    _checks.kernel_like(OP, "z", z, z, "like z")
+    _checks.kernel_like(OP, "mu", mu, z, "like z")
+    _checks.kernel_like(OP, "logvar", logvar, z, "like z")
+
+
+def _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
+                                lse_marginal) -> None:
+    """The forward's kernel checks plus the saved outputs and their incoming gradients: (B,)
+    and (B, D), contiguous, in the accumulation dtype of z."""
+    _check_kernel_args(z, mu, logvar)
+    acc = acc_dtype(z.dtype)
+    rows = z.shape[:1]
+    _checks.kernel_tensor(OP, "log_qz", log_qz, rows, acc, z.device, "like the forward's log_qz")
+    _checks.kernel_tensor(OP, "lse_marginal", lse_marginal, z.shape, acc, z.device,
+                          "like the forward's lse_marginal")
+    if grad_log_qz is not None:
+        _checks.kernel_tensor(OP, "grad_log_qz", grad_log_qz, rows, acc, z.device, "like log_qz")
+    if grad_lse_marginal is not None:
+        _checks.kernel_tensor(OP, "grad_lse_marginal", grad_lse_marginal, z.shape, acc, z.device,
+                              "like lse_marginal")
+
+
 # Triton: custom ops around the launchers in pyvae.kernels.kl_decomposition.
 @torch.library.custom_op("pyvae::kl_decomposition_forward_triton", mutates_args=())
 def _triton_forward(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                     log_weight_self: float, log_weight_next: float, log_weight_other: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kernel_args(z, mu, logvar)
     kernels = _backend.triton_kernels("kl_decomposition")
     return kernels.kl_decomposition_forward(z, mu, logvar, log_weight_self, log_weight_next,
                                             log_weight_other)
@@ -182,6 +218,8 @@ def _triton_backward(grad_log_qz: torch.Tensor | None, grad_lse_marginal: torch.
                      log_qz: torch.Tensor, lse_marginal: torch.Tensor, log_weight_self: float,
                      log_weight_next: float, log_weight_other: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
+                                lse_marginal)
     kernels = _backend.triton_kernels("kl_decomposition")
     return kernels.kl_decomposition_backward(grad_log_qz, grad_lse_marginal, z, mu, logvar,
                                              log_qz, lse_marginal, log_weight_self,

@@ -37,6 +37,18 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+# The kernels take the geometry as 32-bit ints: dilation * k (which bounds the padding) must fit.
+INT32_MAX = 2**31 - 1
+
+
+def _check_dilation(dilation, kernel_size: int) -> int:
+    dilation = _check_int("dilation", dilation, 1)
+    if dilation * kernel_size > INT32_MAX:
+        raise ValueError(f"{OP}: dilation must be at most {INT32_MAX // kernel_size} for "
+                         f"k = {kernel_size} (dilation * k must fit a 32-bit int), got {dilation}")
+    return dilation
+
+
 def _check_mask_args(out_channels, in_channels, kernel_size, mask_type, color_channels) -> None:
     _check_int("out_channels", out_channels, 1)
     _check_int("in_channels", in_channels, 1)
@@ -79,14 +91,22 @@ def masked_conv2d_mask(out_channels: int, in_channels: int, kernel_size: int,
 def masked_conv2d_reference(x: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None = None, *, mask_type: str = "A",
                             color_channels: int = 1, dilation: int = 1) -> torch.Tensor:
-    """Eager PyTorch version of the op, ``conv2d(x, weight * mask)``: the ground truth of the
-    tests and the eager baseline of the benchmarks. Same conventions as :func:`masked_conv2d`,
-    except that NaN or inf in ``x`` or at masked taps of ``weight`` also spread through the
-    masked taps (0 · NaN = NaN), which the kernels never read."""
+    """Eager PyTorch version of the op, ``conv2d(x, where(mask, weight, 0))``: the ground truth
+    of the tests and the eager baseline of the benchmarks. Same conventions as
+    :func:`masked_conv2d` (masked weights are never used, so NaN or inf there changes nothing),
+    except that NaN or inf in ``x`` also spreads through the masked taps (0 · NaN = NaN), which
+    the kernels never read."""
     out_channels, in_channels, k, _ = weight.shape
     mask = masked_conv2d_mask(out_channels, in_channels, k, mask_type, color_channels,
-                              dtype=weight.dtype, device=weight.device)
-    return F.conv2d(x, weight * mask, bias, padding=dilation * (k // 2), dilation=dilation)
+                              dtype=torch.bool, device=weight.device)
+    kernel = torch.where(mask, weight, weight.new_zeros(()))
+    n, _, height, width = x.shape
+    if height == 0 or width == 0:
+        # conv2d refuses an image with no pixels; the output has none either, like the kernels'.
+        # The sums keep it differentiable, with zero gradients (NaN-free: a sum of nothing).
+        anchor = x.sum() * 0 + kernel.sum() * 0 + (0 if bias is None else bias.sum() * 0)
+        return x.new_zeros((n, out_channels, height, width)) + anchor
+    return F.conv2d(x, kernel, bias, padding=dilation * (k // 2), dilation=dilation)
 
 
 # ---- the kernel ops: fake kernels and autograd, shared by the C++ and the Triton ops ----------
@@ -129,10 +149,54 @@ if _backend.EXTENSION_ERROR is None:
                        torch.ops.pyvae.masked_conv2d_backward.default)
 
 
+def _check_kernel_args(x, weight, bias, mask_type, color_channels, dilation) -> None:
+    """The checks of check_masked_conv2d_args (csrc/ops/masked_conv2d.cpp), for the Triton
+    custom ops: RuntimeErrors naming the argument before a kernel reads any pointer."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise RuntimeError(f"{OP}: x must be 4-D (N, C_in, H, W), got "
+                           f"{getattr(x, 'shape', type(x).__name__)}")
+    _checks.kernel_dtype(OP, "x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise RuntimeError(f"{OP}: weight must be 4-D (C_out, C_in, k, k), got "
+                           f"{getattr(weight, 'shape', type(weight).__name__)}")
+    out_channels, in_channels, k, kw = weight.shape
+    if kw != k or k % 2 != 1:
+        raise RuntimeError(f"{OP}: weight must have a square kernel of odd size, got "
+                           f"{list(weight.shape)}")
+    if in_channels != x.shape[1]:
+        raise RuntimeError(f"{OP}: x has {x.shape[1]} channels but weight expects {in_channels}")
+    if out_channels < 1 or in_channels < 1:
+        raise RuntimeError(f"{OP}: need at least one input and one output channel, got weight "
+                           f"{list(weight.shape)}")
+    _checks.kernel_like(OP, "x", x, x, "like x")
+    _checks.kernel_tensor(OP, "weight", weight, weight.shape, x.dtype, x.device,
+                          "dtype and device of x")
+    if bias is not None:
+        _checks.kernel_tensor(OP, "bias", bias, (out_channels,), x.dtype, x.device,
+                              "C_out of weight, dtype and device of x")
+    if mask_type not in (0, 1):
+        raise RuntimeError(f"{OP}: mask_type must be 0 (A) or 1 (B), got {mask_type}")
+    if color_channels < 1 or in_channels % color_channels or out_channels % color_channels:
+        raise RuntimeError(f"{OP}: color_channels ({color_channels}) must be >= 1 and divide "
+                           f"C_in ({in_channels}) and C_out ({out_channels})")
+    if dilation < 1 or dilation > INT32_MAX // k:
+        raise RuntimeError(f"{OP}: dilation must be >= 1 and dilation * k (k = {k}) at most "
+                           f"{INT32_MAX}, got {dilation}")
+
+
+def _check_kernel_backward_args(grad_y, x, weight, mask_type, color_channels, dilation) -> None:
+    """The forward's kernel checks (without bias) plus grad_y: (N, C_out, H, W) like y."""
+    _check_kernel_args(x, weight, None, mask_type, color_channels, dilation)
+    _checks.kernel_tensor(OP, "grad_y", grad_y,
+                          (x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x.dtype,
+                          x.device, "like y = (N, C_out, H, W)")
+
+
 # Triton: custom ops around the launchers in pyvae.kernels.masked_conv2d.
 @torch.library.custom_op("pyvae::masked_conv2d_forward_triton", mutates_args=())
 def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     mask_type: int, color_channels: int, dilation: int) -> torch.Tensor:
+    _check_kernel_args(x, weight, bias, mask_type, color_channels, dilation)
     kernels = _backend.triton_kernels("masked_conv2d")
     return kernels.masked_conv2d_forward(x, weight, bias, MASK_TYPES[mask_type], color_channels,
                                          dilation)
@@ -142,6 +206,7 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                      mask_type: int, color_channels: int, dilation: int, output_mask: list[bool]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_kernel_backward_args(grad_y, x, weight, mask_type, color_channels, dilation)
     kernels = _backend.triton_kernels("masked_conv2d")
     grads = kernels.masked_conv2d_backward(grad_y, x, weight, MASK_TYPES[mask_type],
                                            color_channels, dilation, tuple(output_mask))
@@ -192,7 +257,7 @@ def _check_args(x, weight, bias, mask_type, color_channels, dilation) -> None:
         if bias.device != x.device:
             raise ValueError(f"{OP}: bias is on {bias.device} but x is on {x.device}")
     _check_mask_args(out_channels, in_channels, kh, mask_type, color_channels)
-    _check_int("dilation", dilation, 1)
+    _check_dilation(dilation, kh)
 
 
 def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -201,8 +266,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """PixelCNN masked convolution: stride 1, zero "same" padding, odd square kernels.
 
     Args:
-        x: input images, shape (N, C_in, H, W), float16 / bfloat16 / float32 / float64. N may
-            be 0.
+        x: input images, shape (N, C_in, H, W), float16 / bfloat16 / float32 / float64. N, H
+            and W may be 0: the output is then empty on every backend, the gradients zero.
         weight: kernel, shape (C_out, C_in, k, k) with k odd, same dtype and device as ``x``.
             The entries at masked taps are ignored (they need not be zero) and get a zero
             gradient.
@@ -212,8 +277,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             every later layer).
         color_channels: G, the number of channel groups (e.g. 3 for RGB); must divide C_in and
             C_out. With G = 1 the centre tap is fully masked (A) or fully visible (B).
-        dilation: spacing of the kernel taps in pixels (>= 1); the padding is
-            ``dilation * (k // 2)`` so the output keeps the input's H × W.
+        dilation: spacing of the kernel taps in pixels (>= 1, with dilation · k < 2³¹); the
+            padding is ``dilation * (k // 2)`` so the output keeps the input's H × W.
 
     Returns:
         ``y`` of shape (N, C_out, H, W) in ``x``'s dtype, equal to

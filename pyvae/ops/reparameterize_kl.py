@@ -85,11 +85,46 @@ if _backend.EXTENSION_ERROR is None:
                        torch.ops.pyvae.reparameterize_kl_backward.default)
 
 
+def _check_kernel_args(mu, logvar, eps, seed, prior_mu, prior_logvar) -> None:
+    """The checks of check_reparameterize_kl_args (csrc/ops/reparameterize_kl.cpp), for the
+    Triton custom ops: RuntimeErrors naming the argument before a kernel reads any pointer."""
+    if not isinstance(mu, torch.Tensor) or mu.dim() != 2:
+        raise RuntimeError(f"{OP}: mu must be 2-D (rows, cols), got "
+                           f"{getattr(mu, 'shape', type(mu).__name__)}")
+    _checks.kernel_dtype(OP, "mu", mu)
+    if (prior_mu is None) != (prior_logvar is None):
+        raise RuntimeError(f"{OP}: prior_mu and prior_logvar must be given together")
+    if eps is None and seed is None:
+        raise RuntimeError(f"{OP}: need eps or a seed")
+    _checks.kernel_like(OP, "mu", mu, mu, "like mu")
+    _checks.kernel_like(OP, "logvar", logvar, mu, "like mu")
+    if eps is not None:
+        _checks.kernel_like(OP, "eps", eps, mu, "like mu")
+    if prior_mu is not None:
+        _checks.kernel_like(OP, "prior_mu", prior_mu, mu, "like mu")
+        _checks.kernel_like(OP, "prior_logvar", prior_logvar, mu, "like mu")
+    if eps is None:
+        _checks.kernel_tensor(OP, "seed", seed, (1,), torch.int64, mu.device,
+                              "one int64 on mu's device")
+
+
+def _check_kernel_backward_args(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
+                                prior_logvar) -> None:
+    """The forward's kernel checks plus grad_z (rows, cols) like z and grad_kl (rows,) like kl."""
+    _check_kernel_args(mu, logvar, eps, seed, prior_mu, prior_logvar)
+    if grad_z is not None:
+        _checks.kernel_like(OP, "grad_z", grad_z, mu, "like z")
+    if grad_kl is not None:
+        _checks.kernel_tensor(OP, "grad_kl", grad_kl, mu.shape[:1], kl_dtype(mu.dtype),
+                              mu.device, "like kl")
+
+
 # Triton: custom ops around the launchers in pyvae.kernels.reparameterize_kl.
 @torch.library.custom_op("pyvae::reparameterize_kl_forward_triton", mutates_args=())
 def _triton_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
                     seed: torch.Tensor | None, prior_mu: torch.Tensor | None,
                     prior_logvar: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kernel_args(mu, logvar, eps, seed, prior_mu, prior_logvar)
     kernels = _backend.triton_kernels("reparameterize_kl")
     return kernels.reparameterize_kl_forward(mu, logvar, eps, seed, prior_mu, prior_logvar)
 
@@ -100,6 +135,7 @@ def _triton_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None,
                      seed: torch.Tensor | None, prior_mu: torch.Tensor | None,
                      prior_logvar: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_kernel_backward_args(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu, prior_logvar)
     kernels = _backend.triton_kernels("reparameterize_kl")
     grads = kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
                                                prior_logvar)
@@ -119,14 +155,23 @@ def _kernel_op(backend: str):
 
 # ---- the public op ------------------------------------------------------------------------------
 
+def _check_generator(generator, device: torch.device) -> None:
+    """None or a torch.Generator of ``device``'s type; checked whether or not eps is given."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{OP}: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"{OP}: generator is on {generator.device} but mu is on {device}")
+
+
 def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """One int64 from ``generator`` (default: the device's default generator), on ``device``.
 
     Drawing it advances the generator, so consecutive calls get fresh noise and
     ``torch.manual_seed`` reproduces a call; it stays on the device (no host sync).
     """
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"{OP}: generator is on {generator.device} but mu is on {device}")
     return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device,
                          generator=generator)
 
@@ -146,7 +191,8 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
         prior_mu, prior_logvar: a diagonal Gaussian prior N(prior_mu, exp(prior_logvar)) of
             ``mu``'s shape (both or neither); default the standard normal N(0, I).
         generator: the ``torch.Generator`` the noise seed is drawn from (default: the default
-            generator of ``mu``'s device).
+            generator of ``mu``'s device); it must be on ``mu``'s device type, and is checked
+            (but not advanced) when ``eps`` is given.
 
     Returns:
         ``z`` of ``mu``'s shape and dtype, and ``kl`` of shape ``mu.shape[:-1]``: the KL
@@ -165,6 +211,7 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
     if prior_mu is not None:
         _checks.check_like(OP, "prior_mu", prior_mu, "mu", mu)
         _checks.check_like(OP, "prior_logvar", prior_logvar, "mu", mu)
+    _check_generator(generator, mu.device)
     _checks.check_finite(OP, mu=mu, logvar=logvar, eps=eps, prior_mu=prior_mu,
                          prior_logvar=prior_logvar)
 

@@ -386,7 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_bac
     const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& eps,
     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& prior_mu,
     const std::optional<at::Tensor>& prior_logvar) {
-  check_reparameterize_kl_args(mu, logvar, eps, seed, prior_mu, prior_logvar);
+  check_reparameterize_kl_backward_args(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
+                                        prior_logvar);
   at::Tensor grad_mu = at::empty_like(mu);
   at::Tensor grad_logvar = at::empty_like(mu);
   const bool has_prior = prior_mu.has_value();
