@@ -1,13 +1,16 @@
 // CPU kernels of the streaming minibatch KL decomposition (β-TCVAE); the maths and notation
-// (ell_ijd, lw_ij, p_ij, r_ijd) are those of ops/cuda/kl_decomposition.h.
+// (ell_ijd, lw_ij, p_ij, r_ijd, c_ijd, t) are those of ops/cuda/kl_decomposition.h.
 //
-// Nothing of size B x B (let alone B x B x D) is ever stored: the forward is parallel over the
-// samples i and streams the posteriors j in tiles of kTile with an online logsumexp per (i, d);
-// the backward recomputes the pair terms from the saved logsumexps in two passes, one parallel
-// over i (grad_z, a reduction over j) and one parallel over j (grad_mu and grad_logvar, a
-// reduction over i), so that every output element has a single writer and no atomics are needed.
-// Half-precision inputs are widened to float32 once (O(B·D)); float32 work runs in branch-free
-// loops over d that GCC vectorises (vec_math.h); float64 uses libm (the gradcheck path).
+// Nothing of size B x B (let alone B x B x D) is ever stored. The posteriors are kept transposed
+// (D, B), so that every hot loop runs over the posteriors j, which are many, rather than over the
+// dimensions d, which may be as few as 4: for one sample i and one dimension d, a contiguous loop
+// over j gives ell_ijd, adds it into the joint sum_d ell_ijd, and a second gives the marginal's
+// logsumexp. The backward makes one pass over the pairs (one exponential per pair-dimension):
+// parallel over blocks of samples i, each block adds its part of grad_mu and grad_logvar (sums
+// over i) into its own (D, B) buffers, summed afterwards in a fixed order — so the result does
+// not depend on the number of threads. Half-precision inputs are widened to float32 once
+// (O(B·D)); float32 loops are branch-free and vectorised by GCC (vec_math.h); float64 uses libm
+// (the gradcheck path).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,8 +29,8 @@ namespace pyvae {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 16;  // posteriors j per step of the marginals' online logsumexp
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+constexpr int kLanes = 16;  // independent partial results of a reduction (vectorisable as is)
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -35,140 +38,122 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 PYVAE_INLINE float exp_acc(float x) { return exp_f32(x); }
 PYVAE_INLINE double exp_acc(double x) { return std::exp(x); }
 
-// The logsumexp shift: the running maximum, or 0 while every term so far is -inf (so that
-// exp(-inf - shift) is 0 rather than NaN).
+// The logsumexp shift: the maximum, or 0 while every term is -inf (so that exp(-inf - shift) is
+// 0 rather than NaN).
 template <typename T>
 PYVAE_INLINE T safe_shift(T max) {
   return max == kNegInf<T> ? T(0) : max;
 }
 
-// ---- loops over d (vectorised for float32) -----------------------------------------------------
-// Pointer arguments never alias: __restrict__ spares GCC the runtime overlap checks it otherwise
-// gives up on for loops with this many streams.
+// ---- reductions over j -------------------------------------------------------------------------
 
-// ell[d] = log_norm_j[d] - 0.5 (z_i[d] - mu_j[d])^2 inv_var_j[d]; returns sum_d ell[d] with 8
-// independent partial sums (vectorisable without reassociation flags).
 template <typename T>
-PYVAE_INLINE T pair_log_density(const T* __restrict__ z_i, const T* __restrict__ mu_j,
-                                const T* __restrict__ inv_var_j, const T* __restrict__ log_norm_j,
-                                int64_t n, T* __restrict__ ell) {
-  for (int64_t d = 0; d < n; ++d) {
-    const T diff = z_i[d] - mu_j[d];
-    ell[d] = log_norm_j[d] - T(0.5) * diff * diff * inv_var_j[d];
-  }
-  T partial[8] = {};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int k = 0; k < 8; ++k) partial[k] += ell[d + k];
-  for (; d < n; ++d) partial[d & 7] += ell[d];
-  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-         ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+PYVAE_INLINE T max_of(const T* __restrict__ x, int64_t n) {
+  T lane[kLanes];
+  for (int k = 0; k < kLanes; ++k) lane[k] = kNegInf<T>;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lane[k] = x[j + k] > lane[k] ? x[j + k] : lane[k];
+  for (; j < n; ++j) lane[0] = x[j] > lane[0] ? x[j] : lane[0];
+  T max = lane[0];
+  for (int k = 1; k < kLanes; ++k) max = lane[k] > max ? lane[k] : max;
+  return max;
 }
 
-// One online-logsumexp step of the marginals: folds lw[t] + ell[t * n + d] for t < tile into the
-// running maximum max[d] and the running sum sum[d] = sum exp(x - safe_shift(max[d])).
 template <typename T>
-PYVAE_INLINE void marginal_tile(const T* __restrict__ ell, const T* __restrict__ lw, int64_t tile,
-                                int64_t n, T* __restrict__ max, T* __restrict__ sum,
-                                T* __restrict__ tile_max) {
-  for (int64_t d = 0; d < n; ++d) tile_max[d] = max[d];
-  for (int64_t t = 0; t < tile; ++t)
-    for (int64_t d = 0; d < n; ++d) {
-      const T x = ell[t * n + d] + lw[t];
-      tile_max[d] = x > tile_max[d] ? x : tile_max[d];
-    }
-  for (int64_t d = 0; d < n; ++d) {
-    sum[d] *= exp_acc(max[d] - safe_shift(tile_max[d]));
-    max[d] = tile_max[d];
-    tile_max[d] = safe_shift(tile_max[d]);  // from here on: the shift
-  }
-  for (int64_t t = 0; t < tile; ++t)
-    for (int64_t d = 0; d < n; ++d) sum[d] += exp_acc(ell[t * n + d] + lw[t] - tile_max[d]);
+PYVAE_INLINE T sum_of(const T* __restrict__ x, int64_t n) {
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lane[k] += x[j + k];
+  for (; j < n; ++j) lane[0] += x[j];
+  T sum = T(0);
+  for (int k = 0; k < kLanes; ++k) sum += lane[k];
+  return sum;
 }
 
 // logsumexp of n values (two passes: maximum, then the shifted sum).
 template <typename T>
 PYVAE_INLINE T logsumexp(const T* __restrict__ x, int64_t n) {
-  T max = kNegInf<T>;
-  for (int64_t k = 0; k < n; ++k) max = x[k] > max ? x[k] : max;
-  const T shift = safe_shift(max);
-  T partial[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int l = 0; l < 8; ++l) partial[l] += exp_acc(x[k + l] - shift);
-  for (; k < n; ++k) partial[k & 7] += exp_acc(x[k] - shift);
-  const T sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-                ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+  const T shift = safe_shift(max_of(x, n));
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lane[k] += exp_acc(x[j + k] - shift);
+  for (; j < n; ++j) lane[0] += exp_acc(x[j] - shift);
+  T sum = T(0);
+  for (int k = 0; k < kLanes; ++k) sum += lane[k];
   return shift + std::log(sum);
 }
 
-// The coefficient of one pair (i, j) in every gradient: c[d] = p + g_lse[d] r_d with
-// r_d = exp(lw + ell[d] - lse[d]), and t[d] = (z_i[d] - mu_j[d]) inv_var_j[d]. grad_z[d] -= c t.
-template <typename T>
-PYVAE_INLINE void grad_z_pair(const T* __restrict__ z_i, const T* __restrict__ mu_j,
-                              const T* __restrict__ inv_var_j, const T* __restrict__ ell,
-                              const T* __restrict__ lse_i, const T* __restrict__ g_lse_i, T lw,
-                              T p, int64_t n, T* __restrict__ grad_z) {
-  if (g_lse_i == nullptr) {
-    for (int64_t d = 0; d < n; ++d) grad_z[d] -= p * (z_i[d] - mu_j[d]) * inv_var_j[d];
-    return;
-  }
-  for (int64_t d = 0; d < n; ++d) {
-    const T c = p + g_lse_i[d] * exp_acc(lw + ell[d] - lse_i[d]);
-    grad_z[d] -= c * (z_i[d] - mu_j[d]) * inv_var_j[d];
-  }
-}
+// ---- the batch ---------------------------------------------------------------------------------
 
-// The same coefficient for the posterior's gradients: grad_mu[d] += c t and
-// grad_logvar[d] += c (0.5 (z_i[d] - mu_j[d]) t - 0.5).
-template <typename T>
-PYVAE_INLINE void grad_posterior_pair(const T* __restrict__ z_i, const T* __restrict__ mu_j,
-                                      const T* __restrict__ inv_var_j, const T* __restrict__ ell,
-                                      const T* __restrict__ lse_i,
-                                      const T* __restrict__ g_lse_i, T lw, T p, int64_t n,
-                                      T* __restrict__ grad_mu, T* __restrict__ grad_logvar) {
-  if (g_lse_i == nullptr) {
-    for (int64_t d = 0; d < n; ++d) {
-      const T diff = z_i[d] - mu_j[d];
-      const T t = diff * inv_var_j[d];
-      grad_mu[d] += p * t;
-      grad_logvar[d] += p * (T(0.5) * diff * t - T(0.5));
-    }
-    return;
-  }
-  for (int64_t d = 0; d < n; ++d) {
-    const T c = p + g_lse_i[d] * exp_acc(lw + ell[d] - lse_i[d]);
-    const T diff = z_i[d] - mu_j[d];
-    const T t = diff * inv_var_j[d];
-    grad_mu[d] += c * t;
-    grad_logvar[d] += c * (T(0.5) * diff * t - T(0.5));
-  }
-}
-
-// ---- one row of pairs per call -----------------------------------------------------------------
-
-// The batch in the compute type T (float32, or float64 for float64 inputs), with the per-(j, d)
-// constants of ell precomputed once: inv_var = exp(-logvar), log_norm = -0.5 (log 2 pi + logvar).
+// The posteriors transposed to (D, B) in the compute type T (float32, or float64 for float64
+// inputs), with the per-(d, j) constants of ell precomputed once: inv_var = exp(-logvar),
+// log_norm = -0.5 (log 2 pi + logvar). z stays (B, D).
 template <typename T>
 struct Pairs {
-  const T* z;
-  const T* mu;
-  const T* inv_var;
-  const T* log_norm;
+  const T* z;         // (B, D)
+  const T* mu;        // (D, B)
+  const T* inv_var;   // (D, B)
+  const T* log_norm;  // (D, B)
   int64_t batch, dim;
   T lw_self, lw_next, lw_other;
 
-  PYVAE_INLINE T log_weight(int64_t i, int64_t j) const {
-    if (j == i) return lw_self;
-    return j == (i + 1 == batch ? 0 : i + 1) ? lw_next : lw_other;
+  int64_t next(int64_t i) const { return i + 1 == batch ? 0 : i + 1; }
+
+  // ell_ijd of one pair.
+  PYVAE_INLINE T ell(int64_t i, int64_t d, int64_t j) const {
+    const T diff = z[i * dim + d] - mu[d * batch + j];
+    return log_norm[d * batch + j] - T(0.5) * diff * diff * inv_var[d * batch + j];
   }
 
-  // lw_ij + sum_d ell_ijd of one pair; ell_ijd is left in ell[0, dim).
-  PYVAE_INLINE T log_joint(int64_t i, int64_t j, T* ell) const {
-    return log_weight(i, j) + pair_log_density(z + i * dim, mu + j * dim, inv_var + j * dim,
-                                               log_norm + j * dim, dim, ell);
-  }
 };
+
+// x[j] = base[j] + lw_ij for every j: lw_other, then the two special pairs (when they coincide,
+// B == 1, the pair is "self"). Set, not corrected, since lw_other may be -inf (the stratified
+// estimator with dataset_size == batch_size).
+template <typename T>
+PYVAE_INLINE void set_log_weights(const Pairs<T>& in, int64_t i, const T* __restrict__ base,
+                                  T* __restrict__ x) {
+  const int64_t B = in.batch;
+  for (int64_t j = 0; j < B; ++j) x[j] = base[j] + in.lw_other;
+  x[in.next(i)] = base[in.next(i)] + in.lw_next;
+  x[i] = base[i] + in.lw_self;
+}
+
+// ---- forward: one sample i per call ------------------------------------------------------------
+
+// log_qz[i] and lse_marginal[i, :]. Scratch: joint, x (B each). One fused loop over j per d
+// (ell, the joint's running sum, the log-weight), then the logsumexp's two passes.
+template <typename T>
+PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joint,
+                              T* __restrict__ x, T* __restrict__ log_qz_i,
+                              T* __restrict__ lse_row) {
+  const int64_t B = in.batch, D = in.dim, next = in.next(i);
+  const T lw_other = in.lw_other;
+  for (int64_t j = 0; j < B; ++j) joint[j] = T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T z_id = in.z[i * D + d];
+    const T* __restrict__ mu_d = in.mu + d * B;
+    const T* __restrict__ iv_d = in.inv_var + d * B;
+    const T* __restrict__ ln_d = in.log_norm + d * B;
+    for (int64_t j = 0; j < B; ++j) {
+      const T diff = z_id - mu_d[j];
+      const T ell = ln_d[j] - T(0.5) * diff * diff * iv_d[j];
+      joint[j] += ell;
+      x[j] = ell + lw_other;
+    }
+    // The two special pairs, set (not corrected: lw_other may be -inf) from their ell.
+    x[next] = in.ell(i, d, next) + in.lw_next;
+    x[i] = in.ell(i, d, i) + in.lw_self;
+    lse_row[d] = logsumexp(x, B);
+  }
+  set_log_weights(in, i, joint, x);
+  *log_qz_i = logsumexp(x, B);
+}
+
+// ---- backward: one sample i per call -----------------------------------------------------------
 
 // The backward's inputs: upstream gradients (nullptr: zero) and the forward's saved outputs.
 template <typename T>
@@ -177,130 +162,121 @@ struct Upstream {
   const T* grad_lse_marginal;  // (B, D)
   const T* log_qz;             // (B,)
   const T* lse_marginal;       // (B, D)
-
-  // p_ij times the upstream gradient of log_qz[i], from the pair's lw_ij + sum_d ell_ijd.
-  PYVAE_INLINE T joint_coefficient(int64_t i, T log_joint) const {
-    return grad_log_qz == nullptr ? T(0) : grad_log_qz[i] * exp_acc(log_joint - log_qz[i]);
-  }
 };
 
-// log_qz[i] and lse_marginal[i, :] of one sample i. Scratch: joint (B), ell (kTile * D),
-// max, sum, tile_max (D).
+// Sample i's terms of every gradient: grad_z[i, :] (complete), and its contributions to
+// grad_mu and grad_logvar added into the (D, B) buffers acc_mu, acc_logvar.
+// Scratch: p, x, ct (B each).
 template <typename T>
-PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joint,
-                              T* __restrict__ ell, T* __restrict__ max, T* __restrict__ sum,
-                              T* __restrict__ tile_max, T* __restrict__ log_qz_i,
-                              T* __restrict__ lse_row) {
+PYVAE_INLINE void backward_row(const Pairs<T>& in, const Upstream<T>& up, int64_t i,
+                               T* __restrict__ p, T* __restrict__ x,
+                               T* __restrict__ ct, T* __restrict__ grad_z_i,
+                               T* __restrict__ acc_mu, T* __restrict__ acc_logvar) {
   const int64_t B = in.batch, D = in.dim;
-  for (int64_t d = 0; d < D; ++d) {
-    max[d] = kNegInf<T>;
-    sum[d] = T(0);
-  }
-  T lw[kTile];
-  for (int64_t j0 = 0; j0 < B; j0 += kTile) {
-    const int64_t tile = std::min(kTile, B - j0);
-    for (int64_t t = 0; t < tile; ++t) {
-      lw[t] = in.log_weight(i, j0 + t);
-      joint[j0 + t] = in.log_joint(i, j0 + t, ell + t * D);
+  // p[j] = grad_log_qz[i] p_ij, from the joint sum_d ell_ijd.
+  for (int64_t j = 0; j < B; ++j) p[j] = T(0);
+  if (up.grad_log_qz != nullptr) {
+    for (int64_t d = 0; d < D; ++d) {
+      const T z_id = in.z[i * D + d];
+      const T* __restrict__ mu_d = in.mu + d * B;
+      const T* __restrict__ iv_d = in.inv_var + d * B;
+      const T* __restrict__ ln_d = in.log_norm + d * B;
+      for (int64_t j = 0; j < B; ++j) {
+        const T diff = z_id - mu_d[j];
+        p[j] += ln_d[j] - T(0.5) * diff * diff * iv_d[j];
+      }
     }
-    marginal_tile(ell, lw, tile, D, max, sum, tile_max);
+    set_log_weights(in, i, p, x);
+    const T g = up.grad_log_qz[i], shift = up.log_qz[i];
+    for (int64_t j = 0; j < B; ++j) p[j] = g * exp_acc(x[j] - shift);
   }
-  *log_qz_i = logsumexp(joint, B);
-  for (int64_t d = 0; d < D; ++d) lse_row[d] = max[d] + std::log(sum[d]);
-}
-
-// grad_z[i, :] = -sum_j c_ij t_ij of one sample i. Scratch: ell (D).
-template <typename T>
-PYVAE_INLINE void grad_z_row(const Pairs<T>& in, const Upstream<T>& up, int64_t i,
-                             T* __restrict__ ell, T* __restrict__ grad_z_i) {
-  const int64_t B = in.batch, D = in.dim;
-  const T* g_lse_i = up.grad_lse_marginal == nullptr ? nullptr : up.grad_lse_marginal + i * D;
-  for (int64_t d = 0; d < D; ++d) grad_z_i[d] = T(0);
-  for (int64_t j = 0; j < B; ++j) {
-    const T p = up.joint_coefficient(i, in.log_joint(i, j, ell));
-    grad_z_pair(in.z + i * D, in.mu + j * D, in.inv_var + j * D, ell, up.lse_marginal + i * D,
-                g_lse_i, in.log_weight(i, j), p, D, grad_z_i);
-  }
-}
-
-// grad_mu[j, :] and grad_logvar[j, :] = sums over i of one posterior j. Scratch: ell (D).
-template <typename T>
-PYVAE_INLINE void grad_posterior_row(const Pairs<T>& in, const Upstream<T>& up, int64_t j,
-                                     T* __restrict__ ell, T* __restrict__ grad_mu_j,
-                                     T* __restrict__ grad_logvar_j) {
-  const int64_t B = in.batch, D = in.dim;
   for (int64_t d = 0; d < D; ++d) {
-    grad_mu_j[d] = T(0);
-    grad_logvar_j[d] = T(0);
-  }
-  for (int64_t i = 0; i < B; ++i) {
-    const T p = up.joint_coefficient(i, in.log_joint(i, j, ell));
-    const T* g_lse_i = up.grad_lse_marginal == nullptr ? nullptr : up.grad_lse_marginal + i * D;
-    grad_posterior_pair(in.z + i * D, in.mu + j * D, in.inv_var + j * D, ell,
-                        up.lse_marginal + i * D, g_lse_i, in.log_weight(i, j), p, D, grad_mu_j,
-                        grad_logvar_j);
+    const T z_id = in.z[i * D + d];
+    const T* __restrict__ mu_d = in.mu + d * B;
+    const T* __restrict__ iv_d = in.inv_var + d * B;
+    T* __restrict__ acc_mu_d = acc_mu + d * B;
+    T* __restrict__ acc_lv_d = acc_logvar + d * B;
+    const T g = up.grad_lse_marginal == nullptr ? T(0) : up.grad_lse_marginal[i * D + d];
+    if (g != T(0)) {
+      // x[j] = c_ijd = p + g r_ijd, with r_ijd = exp(lw_ij + ell_ijd - lse_marginal[i, d]).
+      const T* __restrict__ ln_d = in.log_norm + d * B;
+      const T shift = up.lse_marginal[i * D + d], lw_other = in.lw_other;
+      for (int64_t j = 0; j < B; ++j) {
+        const T diff = z_id - mu_d[j];
+        const T ell = ln_d[j] - T(0.5) * diff * diff * iv_d[j];
+        x[j] = p[j] + g * exp_acc(ell + lw_other - shift);
+      }
+      const int64_t next = in.next(i);
+      x[next] = p[next] + g * exp_acc(in.ell(i, d, next) + in.lw_next - shift);
+      x[i] = p[i] + g * exp_acc(in.ell(i, d, i) + in.lw_self - shift);
+    } else {
+      for (int64_t j = 0; j < B; ++j) x[j] = p[j];
+    }
+    for (int64_t j = 0; j < B; ++j) {
+      const T diff = z_id - mu_d[j];
+      const T t = diff * iv_d[j];
+      const T c_t = x[j] * t;
+      ct[j] = c_t;
+      acc_mu_d[j] += c_t;
+      acc_lv_d[j] += x[j] * (T(0.5) * diff * t - T(0.5));
+    }
+    grad_z_i[d] = -sum_of(ct, B);
   }
 }
 
-// float32 rows are compiled per instruction set (one indirect call per row, not per pair); the
-// float64 ones use the templates.
-PYVAE_VECTORIZE void forward_row_f32(const Pairs<float>& in, int64_t i, float* joint, float* ell,
-                                     float* max, float* sum, float* tile_max, float* log_qz_i,
-                                     float* lse_row) {
-  forward_row(in, i, joint, ell, max, sum, tile_max, log_qz_i, lse_row);
+// float32 rows are compiled per instruction set (one indirect call per row); float64 rows use
+// the templates.
+PYVAE_VECTORIZE void forward_row_f32(const Pairs<float>& in, int64_t i, float* joint, float* x,
+                                     float* log_qz_i, float* lse_row) {
+  forward_row(in, i, joint, x, log_qz_i, lse_row);
 }
-PYVAE_VECTORIZE void grad_z_row_f32(const Pairs<float>& in, const Upstream<float>& up, int64_t i,
-                                    float* ell, float* grad_z_i) {
-  grad_z_row(in, up, i, ell, grad_z_i);
+PYVAE_VECTORIZE void backward_row_f32(const Pairs<float>& in, const Upstream<float>& up,
+                                      int64_t i, float* p, float* x, float* ct, float* grad_z_i,
+                                      float* acc_mu, float* acc_logvar) {
+  backward_row(in, up, i, p, x, ct, grad_z_i, acc_mu, acc_logvar);
 }
-PYVAE_VECTORIZE void grad_posterior_row_f32(const Pairs<float>& in, const Upstream<float>& up,
-                                            int64_t j, float* ell, float* grad_mu_j,
-                                            float* grad_logvar_j) {
-  grad_posterior_row(in, up, j, ell, grad_mu_j, grad_logvar_j);
+PYVAE_VECTORIZE void add_rows_f32(float* __restrict__ into, const float* __restrict__ from,
+                                  int64_t n) {
+  for (int64_t k = 0; k < n; ++k) into[k] += from[k];
 }
 
-struct Rows {
-  template <typename T>
-  static void forward(const Pairs<T>& in, int64_t i, T* joint, T* ell, T* max, T* sum,
-                      T* tile_max, T* log_qz_i, T* lse_row) {
-    if constexpr (std::is_same_v<T, float>)
-      forward_row_f32(in, i, joint, ell, max, sum, tile_max, log_qz_i, lse_row);
-    else
-      forward_row(in, i, joint, ell, max, sum, tile_max, log_qz_i, lse_row);
-  }
-  template <typename T>
-  static void grad_z(const Pairs<T>& in, const Upstream<T>& up, int64_t i, T* ell, T* grad_z_i) {
-    if constexpr (std::is_same_v<T, float>) grad_z_row_f32(in, up, i, ell, grad_z_i);
-    else grad_z_row(in, up, i, ell, grad_z_i);
-  }
-  template <typename T>
-  static void grad_posterior(const Pairs<T>& in, const Upstream<T>& up, int64_t j, T* ell,
-                             T* grad_mu_j, T* grad_logvar_j) {
-    if constexpr (std::is_same_v<T, float>)
-      grad_posterior_row_f32(in, up, j, ell, grad_mu_j, grad_logvar_j);
-    else
-      grad_posterior_row(in, up, j, ell, grad_mu_j, grad_logvar_j);
-  }
-};
+template <typename T>
+void forward_one(const Pairs<T>& in, int64_t i, T* joint, T* x, T* log_qz_i, T* lse_row) {
+  if constexpr (std::is_same_v<T, float>) forward_row_f32(in, i, joint, x, log_qz_i, lse_row);
+  else forward_row(in, i, joint, x, log_qz_i, lse_row);
+}
+template <typename T>
+void backward_one(const Pairs<T>& in, const Upstream<T>& up, int64_t i, T* p, T* x, T* ct,
+                  T* grad_z_i, T* acc_mu, T* acc_logvar) {
+  if constexpr (std::is_same_v<T, float>)
+    backward_row_f32(in, up, i, p, x, ct, grad_z_i, acc_mu, acc_logvar);
+  else
+    backward_row(in, up, i, p, x, ct, grad_z_i, acc_mu, acc_logvar);
+}
+template <typename T>
+void add_rows(T* into, const T* from, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) add_rows_f32(into, from, n);
+  else for (int64_t k = 0; k < n; ++k) into[k] += from[k];
+}
 
 // ---- tensors and threads -----------------------------------------------------------------------
 
-// Owns the compute-type copies behind a Pairs view (no copy of z and mu when already in T).
+// Owns the compute-type copies behind a Pairs view.
 template <typename T>
 struct Batch {
-  at::Tensor z, mu, inv_var, log_norm;
+  at::Tensor z, mu_t, inv_var_t, log_norm_t;
   Pairs<T> pairs;
 
   Batch(const at::Tensor& z_in, const at::Tensor& mu_in, const at::Tensor& logvar_in,
         double self, double next, double other) {
     const at::ScalarType acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
-    z = z_in.to(acc);
-    mu = mu_in.to(acc);
-    const at::Tensor logvar = logvar_in.to(acc);
-    inv_var = at::exp(-logvar);
-    log_norm = (logvar + kLog2Pi) * -0.5;
-    pairs = Pairs<T>{z.data_ptr<T>(), mu.data_ptr<T>(), inv_var.data_ptr<T>(),
-                     log_norm.data_ptr<T>(), z.size(0), z.size(1), T(self), T(next), T(other)};
+    z = z_in.to(acc).contiguous();
+    mu_t = mu_in.to(acc).t().contiguous();
+    const at::Tensor logvar_t = logvar_in.to(acc).t();
+    inv_var_t = at::exp(-logvar_t).contiguous();
+    log_norm_t = ((logvar_t + kLog2Pi) * -0.5).contiguous();
+    pairs = Pairs<T>{z.data_ptr<T>(), mu_t.data_ptr<T>(), inv_var_t.data_ptr<T>(),
+                     log_norm_t.data_ptr<T>(), z.size(0), z.size(1), T(self), T(next), T(other)};
   }
 };
 
@@ -313,10 +289,9 @@ template <typename T>
 void forward_impl(const Pairs<T>& in, T* log_qz, T* lse_marginal) {
   const int64_t B = in.batch, D = in.dim;
   at::parallel_for(0, B, grain(B, D), [&](int64_t begin, int64_t end) {
-    std::vector<T> joint(B), ell(kTile * D), max(D), sum(D), tile_max(D);
+    std::vector<T> joint(B), x(B);
     for (int64_t i = begin; i < end; ++i)
-      Rows::forward(in, i, joint.data(), ell.data(), max.data(), sum.data(), tile_max.data(),
-                    log_qz + i, lse_marginal + i * D);
+      forward_one(in, i, joint.data(), x.data(), log_qz + i, lse_marginal + i * D);
   });
 }
 
@@ -327,6 +302,7 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
   const at::TensorOptions acc = z.options().dtype(kl_dtype(z.scalar_type()));
   at::Tensor log_qz = at::empty({z.size(0)}, acc);
   at::Tensor lse_marginal = at::empty(z.sizes(), acc);
+  if (z.size(0) == 0) return {log_qz, lse_marginal};
   if (acc.dtype() == at::kDouble) {
     const Batch<double> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
     forward_impl(in.pairs, log_qz.data_ptr<double>(), lse_marginal.data_ptr<double>());
@@ -337,10 +313,17 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
   return {log_qz, lse_marginal};
 }
 
-// ---- backward ----------------------------------------------------------------------------------
+// The blocks of samples of the backward: a function of (B, D) only, never of the thread count,
+// so that the fixed-order sum of their buffers gives the same bits on every machine. At most
+// 16 blocks and 256 MB of buffers; at least ~1M pair-dimension terms per block.
+int64_t backward_blocks(int64_t batch, int64_t dim, int64_t elem_bytes) {
+  const int64_t work = batch * batch * dim;
+  const int64_t by_work = std::max<int64_t>(1, work >> 20);
+  const int64_t by_memory =
+      std::max<int64_t>(1, (int64_t(256) << 20) / std::max<int64_t>(2 * dim * batch * elem_bytes, 1));
+  return std::min({by_work, by_memory, int64_t(16), batch});
+}
 
-// Two passes, each row of each output with a single writer: grad_z parallel over i (reducing
-// over j), then grad_mu and grad_logvar parallel over j (reducing over i).
 template <typename T>
 void backward_impl(const Pairs<T>& in, const std::optional<at::Tensor>& grad_log_qz,
                    const std::optional<at::Tensor>& grad_lse_marginal, const at::Tensor& log_qz,
@@ -350,18 +333,27 @@ void backward_impl(const Pairs<T>& in, const std::optional<at::Tensor>& grad_log
   const Upstream<T> up{grad_log_qz.has_value() ? grad_log_qz->data_ptr<T>() : nullptr,
                        grad_lse_marginal.has_value() ? grad_lse_marginal->data_ptr<T>() : nullptr,
                        log_qz.data_ptr<T>(), lse_marginal.data_ptr<T>()};
+  const int64_t blocks = backward_blocks(B, D, sizeof(T));
+  // acc[b] = (grad_mu^T, grad_logvar^T) of block b's samples, each (D, B).
+  at::Tensor acc = at::zeros({blocks, 2, D, B}, grad_z.options());
   T* g_z = grad_z.data_ptr<T>();
-  T* g_mu = grad_mu.data_ptr<T>();
-  T* g_lv = grad_logvar.data_ptr<T>();
-  at::parallel_for(0, B, grain(B, D), [&](int64_t begin, int64_t end) {
-    std::vector<T> ell(D);
-    for (int64_t i = begin; i < end; ++i) Rows::grad_z(in, up, i, ell.data(), g_z + i * D);
+  T* acc_data = acc.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<T> p(B), x(B), ct(B);
+    for (int64_t b = first; b < last; ++b) {
+      T* acc_mu = acc_data + b * 2 * D * B;
+      for (int64_t i = b * B / blocks; i < (b + 1) * B / blocks; ++i)
+        backward_one(in, up, i, p.data(), x.data(), ct.data(), g_z + i * D, acc_mu,
+                     acc_mu + D * B);
+    }
   });
-  at::parallel_for(0, B, grain(B, D), [&](int64_t begin, int64_t end) {
-    std::vector<T> ell(D);
-    for (int64_t j = begin; j < end; ++j)
-      Rows::grad_posterior(in, up, j, ell.data(), g_mu + j * D, g_lv + j * D);
+  // Block 0 += blocks 1, 2, ... in order, parallel over the (2, D, B) entries.
+  at::parallel_for(0, 2 * D * B, int64_t(1) << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t b = 1; b < blocks; ++b)
+      add_rows(acc_data + begin, acc_data + b * 2 * D * B + begin, end - begin);
   });
+  grad_mu.copy_(acc[0][0].t());
+  grad_logvar.copy_(acc[0][1].t());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cpu(
@@ -373,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cpu(
   check_kl_decomposition_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
                                        lse_marginal);
   const at::ScalarType acc = kl_dtype(z.scalar_type());
-  if (!grad_log_qz.has_value() && !grad_lse_marginal.has_value()) {
+  if ((!grad_log_qz.has_value() && !grad_lse_marginal.has_value()) || z.size(0) == 0) {
     return {at::zeros_like(z), at::zeros_like(z), at::zeros_like(z)};
   }
   // Accumulated in the compute type, then rounded once to the input dtype.
