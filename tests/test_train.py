@@ -269,8 +269,8 @@ def test_fit_writes_config_metrics_and_a_loadable_checkpoint(tmp_path):
     assert result.eval_metrics["loss"] == evals[-1]["loss"] and evals[-1]["batches"] == 1
 
     assert result.checkpoint == tmp_path / "checkpoint" and (tmp_path / "checkpoint").is_symlink()
-    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["model.json", "model.safetensors",
-                                                           "state.pt"]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["manifest.json", "model.json",
+                                                           "model.safetensors", "state.pt"]
     assert len([p for p in os.listdir(tmp_path) if p.startswith(".checkpoint-")]) == 1
     state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (9, 2, 1)

@@ -17,12 +17,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from pyvae._io import write_text_atomic
+from pyvae._io import exclusive_lock, write_text_atomic
+from pyvae.errors import IntegrityError
 from pyvae.models import BaseVAE
 from pyvae.train import distributed
-from pyvae.train.checkpoint import (CONFIG, LINK, capture_rng_state, checkpoint_dir,
-                                    load_checkpoint, remove_stale_checkpoints, restore_rng_state,
-                                    save_checkpoint)
+from pyvae.train.checkpoint import (CONFIG, LINK, MissingCheckpointError, capture_rng_state,
+                                    checkpoint_dir, load_checkpoint, remove_stale_checkpoints,
+                                    restore_rng_state, save_checkpoint)
 from pyvae.train.metrics import MetricLayout, MetricsLog
 from pyvae.train.sampler import (EVAL_NOISE, NOISE, SPLIT, WORKERS, ShardedBatchSampler,
                                  derived_seed)
@@ -53,6 +54,33 @@ class TrainingDiverged(RuntimeError):
                          f"not applied and {where}")
 
 
+class MainRankFailed(RuntimeError):
+    """Raised on the ranks other than 0 when rank 0 failed a step only it takes (locking the
+    run directory, writing its files); rank 0 raises its own error, which says why."""
+
+
+def _on_main_rank(dist: distributed.Distributed, action, what: str):
+    """Run ``action()`` on rank 0 only, and make every rank learn whether it failed (one
+    all-reduce, which is also a barrier), so that no rank waits for a rank 0 that has given
+    up. Returns the action's result on rank 0 (None on the others)."""
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = action()
+        except Exception as exc:
+            error = exc
+    if dist.enabled:
+        ok = torch.tensor([0.0 if error is not None else 1.0], device=dist.device)
+        failed = dist.mean(ok).item() < 1.0
+    else:
+        failed = error is not None
+    if error is not None:
+        raise error
+    if failed:
+        raise MainRankFailed(f"rank 0 failed {what}; its error says why")
+    return result
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` returns.
@@ -60,7 +88,9 @@ class FitResult:
     Attributes:
         step: optimizer steps taken in total (by this call and the runs it resumed).
         epoch: ``step / steps_per_epoch`` (fractional).
-        metrics: the last training log record's model metrics (means over its log window).
+        metrics: the last training log record's model metrics (means over its log window); for
+            a call that stopped (``stop_after``) between two records, the means over the steps
+            since the last record, which the next record after a resume will include.
         eval_metrics: the last evaluation's metrics, or None.
         out_dir: the run directory.
         checkpoint: ``out_dir/checkpoint``, or None if no checkpoint exists.
@@ -190,7 +220,8 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         dataset: items are (C, H, W) float tensors in [0, 1], or tuples/lists whose first
             element is one.
         out_dir: the run directory: ``config.json`` (model config, these arguments, dataset
-            sizes and ``extra_config``), ``metrics.jsonl`` and ``checkpoint/``.
+            sizes and ``extra_config``), ``metrics.jsonl``, ``checkpoint/`` and ``.lock``
+            (held by the running fit).
         steps, epochs: the run's length: exactly one of them. An epoch is
             ``len(train set) // (batch_size * world_size)`` steps (the last partial global
             batch of each epoch's permutation is dropped).
@@ -217,11 +248,18 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
             Evaluation runs ``model.loss(x, kl_weight=1.0)`` in eval mode without gradients on
             ``eval_batches`` global batches (None: all full batches), with noise drawn from a
             fixed seed so that evaluations are comparable and training's RNG is untouched.
-        log_every: write a training record every this many steps (and at the end of a call).
+        log_every: write a training record every this many steps (and at the end of the
+            run). A call that stops earlier (``stop_after``) keeps the steps since the last
+            record in its checkpoint, so a resumed run logs the same records as an
+            uninterrupted one.
         checkpoint_every: checkpoint every this many steps (None: only at the end of a call).
         resume: continue from ``out_dir/checkpoint`` when there is one (else start afresh, so
-            a preemptible job can always pass True). Without it, an existing checkpoint is an
-            error rather than being overwritten.
+            a preemptible job can always pass True, also when it was stopped before its first
+            checkpoint). A checkpoint that cannot be used — a dangling ``checkpoint`` link, a
+            missing, truncated or damaged file, or no link although ``metrics.jsonl`` has
+            records past the first checkpoint's step — is an error, and nothing in ``out_dir``
+            is changed. Without ``resume``, an existing checkpoint is an error rather than
+            being overwritten.
         seed: seeds the data order, the held-out split, and (for a fresh run) torch's, Python's
             and NumPy's global generators, which the model's sampling noise uses (each rank
             with its own seed derived from ``seed``).
@@ -240,6 +278,15 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
     Raises:
         TrainingDiverged: a step's loss or metrics were not finite; the step was not applied
             and ``out_dir/checkpoint`` still holds the last good checkpoint.
+        pyvae.errors.AlreadyRunningError: another process is training in ``out_dir`` (fit
+            holds ``out_dir/.lock`` for the whole call; under torchrun rank 0 holds it).
+        pyvae.errors.IntegrityError, pyvae.train.checkpoint.MissingCheckpointError: with
+            ``resume``, the checkpoint is damaged (its files do not match the checksums in its
+            ``manifest.json``, or cannot be parsed) or missing; the message names the file.
+        OSError: writing a file of ``out_dir`` failed (e.g. a full disk); the message names
+            the file and the cause, and the last checkpoint stays loadable.
+        MainRankFailed: on the other ranks under torchrun, when rank 0 failed one of the
+            above.
         ValueError: an invalid argument (named in the message), a resumed checkpoint of a
             different model config, optimizer, seed, global batch size or training-set size.
         FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
@@ -287,19 +334,33 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         dataset, eval_dataset = split_dataset(dataset, eval_fraction, seed)
     dist = distributed.setup(device, default=model.device)
     try:
-        trainer = _Trainer(model, dataset, eval_dataset, Path(out_dir), args, dist,
-                           extra_config or {}, progress)
-        return trainer.run()
+        with contextlib.ExitStack() as stack:
+            _on_main_rank(dist, lambda: stack.enter_context(
+                exclusive_lock(out_dir, "run directory")), "to lock the run directory")
+            trainer = _Trainer(model, dataset, eval_dataset, Path(out_dir), args, dist,
+                               extra_config or {}, progress)
+            return trainer.run()
     finally:
         dist.close()
 
 
 class _Window:
-    """Sums of the packed metrics of the steps since the last log record, and their time."""
+    """Sums of the packed metrics of the steps since the last log record, and their time
+    (seconds); saved in checkpoints so that the first record after a resume averages the same
+    steps as in an uninterrupted run."""
 
-    def __init__(self):
-        self.sums: list[float] | None = None
-        self.steps, self.seconds = 0, 0.0
+    def __init__(self, sums: list[float] | None = None, steps: int = 0, seconds: float = 0.0):
+        self.sums, self.steps, self.seconds = sums, steps, seconds
+
+    def state(self) -> dict:
+        """For ``state.pt`` (numbers and lists only: loadable with ``weights_only=True``)."""
+        return {"sums": self.sums, "steps": self.steps, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "_Window":
+        """Inverse of :meth:`state`; None (a checkpoint from before windows were saved): an
+        empty window."""
+        return cls() if state is None else cls(state["sums"], state["steps"], state["seconds"])
 
     def add(self, values: list[float], seconds: float) -> None:
         self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
@@ -358,13 +419,15 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args["precision"] == "fp16")
 
         self.layout: MetricLayout | None = None  # made from the first step's output
+        self.window = _Window()  # replaced by the checkpoint's on resume
         self.step = self._restore_or_start(model)
         self.saved_step = self.step if self.step > 0 else None
-        if dist.is_main:
+
+        def start():
             remove_stale_checkpoints(out_dir)  # e.g. half-written by a killed run
             _write_json(out_dir / "config.json", {"model": model.config, "train": args,
                                                   "dataset": self.sizes, **extra_config})
-        dist.barrier()
+        _on_main_rank(dist, start, "to write config.json")
         self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
                     if dist.enabled else model)
@@ -377,21 +440,45 @@ class _Trainer:
                           collate_fn=collate_images, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, generator=generator)
 
+    def _checkpointed_before(self) -> bool:
+        """Whether ``metrics.jsonl`` has a record past the step of this run's first checkpoint
+        (the loop writes step N+1 only after the checkpoint of step N), i.e. a checkpoint was
+        published even though none is there now."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        first = min(self.args["checkpoint_every"] or self.end_step, self.end_step)
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line).get("step", 0)
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a torn last line
+            if isinstance(step, int) and step > first:
+                return True
+        return False
+
     def _restore_or_start(self, model: BaseVAE) -> int:
         """Load ``out_dir/checkpoint`` (resume) or seed a fresh run; returns the start step.
         Nothing in ``out_dir`` changes before the checkpoint is accepted."""
-        has_checkpoint = (self.out_dir / LINK / CONFIG).is_file()
-        if has_checkpoint and not self.args["resume"]:
+        link = self.out_dir / LINK
+        if (link / CONFIG).is_file() and not self.args["resume"]:
             raise FileExistsError(f"fit: {str(self.out_dir)!r} already holds a checkpoint; pass "
                                   f"resume=True to continue that run, or choose another out_dir")
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not has_checkpoint:
+        if not self.args["resume"] or not (os.path.lexists(link) or self._checkpointed_before()):
             _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank))
             return 0
         try:
             state = load_checkpoint(self.out_dir, model, scheduler=self.scheduler,
                                     scaler=self.scaler)
+        except (MissingCheckpointError, IntegrityError) as error:
+            found = [name for name in ("metrics.jsonl", "config.json")
+                     if (self.out_dir / name).is_file()]
+            has = f"has {' and '.join(found)} of an earlier run but " if found else ""
+            raise type(error)(f"fit(resume=True): the run directory {str(self.out_dir)!r} "
+                              f"{has}its checkpoint cannot be used: {error}. Restore the "
+                              f"checkpoint, or train into another out_dir") from None
         except ValueError as error:
             raise ValueError(f"fit(resume=True): {error}") from None
         saved_optimizer = state.get("optimizer_name", "adamw")  # older checkpoints: AdamW
@@ -416,6 +503,7 @@ class _Trainer:
                           f"this run has {self.dist.world_size}: the sampling noise is re-seeded, "
                           f"so the run will not equal an uninterrupted one")
             _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank, state["step"]))
+        self.window = _Window.from_state(state.get("log_window"))
         return state["step"]
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -424,7 +512,6 @@ class _Trainer:
         args = self.args
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.dist.is_main))
-        window = _Window()
         last_record, eval_metrics = None, None
         tick = time.perf_counter()
         try:
@@ -441,15 +528,15 @@ class _Trainer:
                     values = self._train_step(x, kl)
                     self.step += 1
                     now = time.perf_counter()
-                    window.add(values, now - tick)
+                    self.window.add(values, now - tick)
                     bar.set_postfix({"loss": values[0], "distortion": values[1],
                                      "rate_bits": values[2]}, refresh=False)
                     bar.update(1)
 
                     done = self.step == self.end_step
-                    if self.step % args["log_every"] == 0 or done:
-                        last_record = self._log_train(window, lr, kl)
-                        window = _Window()
+                    if self.step % args["log_every"] == 0 or self.step == self.total_steps:
+                        last_record = self._log_train(self.window, lr, kl)
+                        self.window = _Window()
                     if self.eval_loader is not None and (
                             (args["eval_every"] and self.step % args["eval_every"] == 0)
                             or self.step == self.total_steps):
@@ -465,8 +552,11 @@ class _Trainer:
             if self.log is not None:
                 self.log.close()
             self.loader = self.eval_loader = None  # ends the worker processes now
-        metrics = {} if last_record is None else {key: last_record[key]
-                                                  for key in self.layout.shapes}
+        if self.window.steps and self.layout is not None:  # stopped between two records
+            metrics = self.layout.unpack(self.window.means())
+        else:
+            metrics = {} if last_record is None else {key: last_record[key]
+                                                      for key in self.layout.shapes}
         link = self.out_dir / LINK
         return FitResult(step=self.step, epoch=self.step / self.steps_per_epoch, metrics=metrics,
                          eval_metrics=eval_metrics, out_dir=self.out_dir,
@@ -554,7 +644,8 @@ class _Trainer:
         if self.saved_step == self.step:
             return
         rng = self.dist.gather(capture_rng_state(self.device))
-        if self.dist.is_main:
+
+        def write():  # on rank 0
             epoch, position = divmod(self.step, self.steps_per_epoch)
             state = {"format": STATE_FORMAT, "step": self.step, "epoch": epoch,
                      "batch_in_epoch": position, "steps_per_epoch": self.steps_per_epoch,
@@ -564,7 +655,8 @@ class _Trainer:
                      "optimizer_name": self.args["optimizer"],
                      "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "rng": rng}
+                     "scaler": self.scaler.state_dict(), "rng": rng,
+                     "log_window": self.window.state()}
             save_checkpoint(self.out_dir, self.model, state)
+        _on_main_rank(self.dist, write, f"to write the checkpoint of step {self.step}")
         self.saved_step = self.step
-        self.dist.barrier()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pyvae._io import os_error, write_text_atomic
 from pyvae.models import ModelOutput
 
 
@@ -61,11 +62,13 @@ class MetricLayout:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended and flushed record by record."""
+    """``metrics.jsonl``: one JSON object per line, appended and flushed record by record. A
+    failed write (e.g. a full disk) is an OSError naming the file and the cause."""
 
     def __init__(self, path: str | os.PathLike, *, keep_until_step: int | None = None):
         """Open ``path`` for appending; with ``keep_until_step``, first drop the records of later
-        steps (those a killed run wrote after its last checkpoint) and any torn last line."""
+        steps (those a killed run wrote after its last checkpoint) and any torn last line
+        (atomically: a failure leaves the file as it was)."""
         self.path = Path(path)
         if keep_until_step is not None and self.path.exists():
             kept = []
@@ -76,17 +79,24 @@ class MetricsLog:
                     continue
                 if record.get("step", 0) <= keep_until_step:
                     kept.append(line + "\n")
-            staged = self.path.with_name(self.path.name + ".tmp")
-            staged.write_text("".join(kept))
-            os.replace(staged, self.path)
-        self._file = open(self.path, "a")
+            write_text_atomic(self.path, "".join(kept))
+        try:
+            self._file = open(self.path, "a")
+        except OSError as error:
+            raise os_error(error, self.path, "opening") from error
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:
+            raise os_error(error, self.path, "appending a record to") from error
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as error:  # the last buffered record could not be written
+            raise os_error(error, self.path, "closing") from error
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
