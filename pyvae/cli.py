@@ -77,8 +77,9 @@ training examples (after --eval-fraction). KEY=VALUE values are parsed as JSON, 
 strings (latent_dim=10 is an int, beta=4.0 a float, name=foo the string "foo").
 
 Outputs in --out: config.json, metrics.jsonl (one JSON record per log step; "split": "eval"
-for evaluations) and checkpoint/ (model.safetensors, model.json, state.pt), which
-pyvae.train.load_model(path) turns back into a model."""
+for evaluations) and checkpoint/ (model.safetensors, model.json, state.pt and manifest.json,
+their SHA-256s, checked on load and on --resume), which pyvae.train.load_model(path) turns back
+into a model. A .lock file keeps a second job off a run directory while one runs."""
 
 # (flag, keyword argument of pyvae.train.fit, type, metavar, help); defaults come from fit.
 TRAIN_FLAGS = [
@@ -159,7 +160,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                      help=f"AdamW betas (default: {' '.join(map(str, defaults['betas']))})")
     run.add_argument("--resume", action="store_true", default=None,
                      help="continue the run in --out from its checkpoint (starts afresh if "
-                          "there is none)")
+                          "--out holds no checkpoint yet; a missing or damaged checkpoint of a "
+                          "run that logged past it is an error)")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                      help="no progress bar")
     run.add_argument("--gather-global-batch", action="store_true", default=None,
@@ -287,7 +289,7 @@ def _train_settings(args) -> tuple[dict, dict, dict | None, dict]:
 def cmd_train(args) -> int:
     """Build the model and data from the flags and config, and run pyvae.train.fit."""
     from pyvae.models import MODELS
-    from pyvae.train import TrainingDiverged, fit
+    from pyvae.train import MainRankFailed, TrainingDiverged, fit
     try:
         model_config, data_config, eval_config, train = _train_settings(args)
         name = model_config.pop("name")
@@ -313,8 +315,8 @@ def cmd_train(args) -> int:
     except FileExistsError as error:
         print(f"pyvae train: error: {error} (on the command line: --resume)", file=sys.stderr)
         return 2
-    except TrainingDiverged as error:
-        print(f"pyvae train: {error}", file=sys.stderr)
+    except (TrainingDiverged, MainRankFailed) as error:  # rank 0 prints its own error
+        print(f"pyvae train: {_one_line(error)}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         summary = "".join(f", {key} {value:.4g}" for key, value in result.metrics.items()
@@ -355,6 +357,17 @@ def _size_arg(text: str):
     if len(values) not in (1, 2) or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes, got {text!r}")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _max_pixels_arg(text: str):
+    """'0' -> None (no limit); a positive int otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value or None
 
 
 def add_encode_parser(sub) -> argparse.ArgumentParser:
@@ -402,6 +415,10 @@ def add_encode_parser(sub) -> argparse.ArgumentParser:
     encode.add_argument("--grayscale", action="store_true", default=None,
                         help="folders: read images as 1 channel (default: when the model reads "
                              "1 channel)")
+    encode.add_argument("--max-pixels", type=_max_pixels_arg, default=defaults["max_pixels"],
+                        metavar="N", help="refuse images larger than N pixels (height × width), "
+                        "checked from the file headers before decoding: a guard against "
+                        "decompression bombs; 0 = no limit (default: %(default)s = 2^26)")
     encode.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar")
     encode.set_defaults(func=cmd_encode)
@@ -410,7 +427,7 @@ def add_encode_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_encode(args) -> int:
     """Load the checkpoint's model and run pyvae.encode.encode_dataset."""
-    from pyvae.encode import StoreError, encode_dataset
+    from pyvae.encode import encode_dataset
     from pyvae.train import load_model
     try:
         model = load_model(args.checkpoint)
@@ -428,9 +445,9 @@ def cmd_encode(args) -> int:
             chunk_size=args.chunk_size, dtype=args.dtype, precision=args.precision,
             with_logvar=args.logvar, resume=args.resume, num_workers=args.num_workers,
             device=device, progress=args.progress, size=args.size, crop=args.crop,
-            grayscale=args.grayscale, tile_size=args.tile_size)
-    except (StoreError, OSError, ValueError) as error:
-        print(f"pyvae encode: error: {error}", file=sys.stderr)
+            grayscale=args.grayscale, tile_size=args.tile_size, max_pixels=args.max_pixels)
+    except USER_ERRORS as error:
+        print(f"pyvae encode: error: {_one_line(error)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"pyvae encode: {result.encoded} images in {result.seconds:.1f} s "

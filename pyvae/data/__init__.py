@@ -7,15 +7,17 @@ factors). Nothing is ever downloaded: data sets are rendered (:class:`Shapes2D`)
 scikit-learn (:class:`Digits`, :class:`Photos`) or are read from a path.
 """
 from pyvae.data.bundled import Digits, Photos, photo_images
-from pyvae.data.images import (IMAGE_EXTENSIONS, ImageFolder, NumpyImages, UnreadableImageError,
-                               load_image, output_size)
+from pyvae.data.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageFolder,
+                               ImageTooLargeError, NumpyImages, UnreadableImageError, load_image,
+                               output_size)
 from pyvae.data.patches import RandomPatches
 from pyvae.data.registry import load_dataset
 from pyvae.data.shapes2d import Shapes2D
 from pyvae.data.standard import CIFAR10, CelebA
 
 __all__ = [
-    "CIFAR10", "CelebA", "Digits", "IMAGE_EXTENSIONS", "ImageFolder", "NumpyImages", "Photos",
+    "CIFAR10", "CelebA", "DEFAULT_MAX_PIXELS", "Digits", "IMAGE_EXTENSIONS", "ImageFolder",
+    "ImageTooLargeError", "NumpyImages", "Photos",
     "RandomPatches", "Shapes2D", "UnreadableImageError", "load_dataset", "load_image",
     "output_size", "photo_images",
 ]

@@ -14,6 +14,50 @@ from torch.utils.data import Dataset
 from pyvae.data._utils import check_pair, check_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# The largest image (height × width) pyvae decodes unless told otherwise: 2**26 ≈ 67 M pixels
+# (8192 × 8192). A small compressed file can declare a huge image (a decompression bomb); its
+# header is checked against this before anything is decoded or allocated.
+DEFAULT_MAX_PIXELS = 2 ** 26
+
+
+def check_max_pixels(max_pixels) -> int | None:
+    """``max_pixels`` as an int (None: no limit), or ValueError naming it."""
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) \
+            or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+class ImageTooLargeError(ValueError):
+    """An image file declares more pixels than ``max_pixels`` allows."""
+
+
+def check_image_pixels(path, height: int, width: int, max_pixels: int | None) -> None:
+    """:class:`ImageTooLargeError` naming the file if its declared height × width exceeds
+    ``max_pixels``."""
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageTooLargeError(f"image {os.fspath(path)!r} declares {width}×{height} = "
+                         f"{height * width:,} pixels, more than max_pixels={max_pixels:,} "
+                         f"(--max-pixels); a decompression bomb or a mistake? Pass a larger "
+                         f"max_pixels to read it")
+
+
+class _PyvaeBombCheck:
+    """While the body runs, Pillow's own decompression-bomb check (a warning above its
+    ``Image.MAX_IMAGE_PIXELS``, an error above twice that, raised while opening) is off:
+    :func:`check_image_pixels` applies ``max_pixels`` to the same header instead, so that the
+    limit is the one the user set and the error names the file and ``max_pixels``."""
+
+    def __enter__(self):
+        self.saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        return self
+
+    def __exit__(self, *exc):
+        Image.MAX_IMAGE_PIXELS = self.saved
+        return False
 
 
 class UnreadableImageError(OSError):
@@ -52,8 +96,8 @@ def output_size(height: int, width: int, size=None, crop=None) -> tuple[int, int
     return height, width
 
 
-def load_image(path: str | os.PathLike, *, size=None, crop=None,
-               grayscale: bool = False) -> torch.Tensor:
+def load_image(path: str | os.PathLike, *, size=None, crop=None, grayscale: bool = False,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode one image file into a float32 tensor (C, H, W) with values in [0, 1].
 
     Args:
@@ -63,23 +107,30 @@ def load_image(path: str | os.PathLike, *, size=None, crop=None,
             aspect ratio, an ``(h, w)`` pair sets both sides.
         crop: then cut the centre ``crop`` × ``crop`` (int) or ``(h, w)`` region.
         grayscale: 1 channel (ITU-R 601 luma) instead of 3 (RGB).
+        max_pixels: refuse (ValueError) a file whose header declares more than this many
+            pixels, before decoding it (None: no limit).
 
     Returns:
         C = 1 if ``grayscale`` else 3; (H, W) as given by :func:`output_size`.
 
     Raises:
         UnreadableImageError: the file is missing or cannot be decoded.
-        ValueError: ``crop`` is larger than the (resized) image.
+        ValueError: ``crop`` is larger than the (resized) image, or the image is larger than
+            ``max_pixels``.
     """
     size, crop = check_size(size), check_pair(crop, "crop")
+    max_pixels = check_max_pixels(max_pixels)
     try:
-        with Image.open(path) as image:
+        with _PyvaeBombCheck(), Image.open(path) as image:
+            check_image_pixels(path, image.height, image.width, max_pixels)
             image.load()  # the full decode: truncated or corrupt data fails here
             if image.mode.startswith("I;16") or image.mode == "I":
                 # Pillow's conversion to 8 bits clips 16-bit values instead of scaling them.
                 image = Image.fromarray(np.asarray(image, dtype=np.float32) / 65535.0)
             else:
                 image = image.convert("L" if grayscale else "RGB")
+    except ImageTooLargeError:
+        raise
     except Exception as error:  # Pillow reports bad data with many types (OSError, SyntaxError...)
         raise UnreadableImageError(path, error) from error
 
@@ -115,7 +166,9 @@ class ImageFolder(Dataset):
 
     Construction reads only each file's header. Files whose header Pillow cannot read are left
     out, listed in :attr:`unreadable` and reported by one warning; a file that passes the header
-    check but fails to decode raises :class:`UnreadableImageError` when it is loaded.
+    check but fails to decode raises :class:`UnreadableImageError` when it is loaded. A header
+    that declares more than ``max_pixels`` pixels raises :class:`ImageTooLargeError` (a
+    ValueError) naming the file, before anything is decoded.
 
     Args:
         root: the folder.
@@ -132,12 +185,14 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, *, size=None, crop=None, grayscale: bool = False,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True):
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, recursive: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.root = Path(root)
         if not self.root.is_dir():
             error = NotADirectoryError if self.root.exists() else FileNotFoundError
             raise error(f"root must be an existing directory, got {str(root)!r}")
         self.size, self.crop, self.grayscale = check_size(size), check_pair(crop, "crop"), grayscale
+        self.max_pixels = check_max_pixels(max_pixels)
         if isinstance(extensions, str) or not extensions:
             raise TypeError(f"extensions must be a non-empty sequence like ('.png', '.jpg'), "
                             f"got {extensions!r}")
@@ -151,11 +206,12 @@ class ImageFolder(Dataset):
         first_size = None
         for relative in candidates:
             try:
-                with Image.open(self.root / relative) as image:  # reads the header only
-                    header_size = image.height, image.width
+                with _PyvaeBombCheck(), Image.open(self.root / relative) as image:
+                    header_size = image.height, image.width  # the header only
             except Exception as error:
                 self.unreadable.append((self.root / relative, str(error)))
                 continue
+            check_image_pixels(self.root / relative, *header_size, self.max_pixels)
             self.files.append(relative)
             first_size = first_size or header_size
         if self.unreadable:
@@ -185,7 +241,8 @@ class ImageFolder(Dataset):
         """Image ``index``: float32 tensor :attr:`image_shape` with values in [0, 1]."""
         relative = self.files[index]
         image = load_image(self.root / relative, size=self.size, crop=self.crop,
-                           grayscale=self.grayscale)
+                           grayscale=self.grayscale,
+                           max_pixels=self.max_pixels)
         if tuple(image.shape) != self.image_shape:
             raise ValueError(f"image {relative.as_posix()!r} loads with shape "
                              f"{tuple(image.shape)} but {self.files[0].as_posix()!r} with "

@@ -9,7 +9,9 @@ writes a *feature store*, a directory that plain numpy reads without pyvae::
       features.npy     (N, D, H − p + 1, W − p + 1) posterior means, float16 (or float32)
       logvar.npy       the posterior log-variances, same shape and dtype (with_logvar=True only)
       valid.npy        (N,) bool: row n is encoded and its image was readable
-      chunks/000012.done   one marker per finished chunk (JSON: its rows and unreadable images)
+      chunks/000012.done   one marker per finished chunk (JSON: its rows, unreadable images and
+                           the SHA-256 of its rows in every array)
+      .lock            held (fcntl.flock) by the job writing the store; a second job is refused
 
 ``features[n, :, y, x]`` is the code of the p×p patch of image n whose top-left corner is
 (y, x), i.e. whose centre is (y + p // 2, x + p // 2). Rows of images that could not be read
@@ -22,6 +24,13 @@ without a marker, and the result is byte-identical to an uninterrupted run on th
 (device, batch size, number of CPU threads: convolutions may round differently otherwise).
 Resuming with a different model, source or output-changing option is refused.
 
+Integrity: the arrays are reserved on the disk (``posix_fallocate``) before they are mapped, so
+a full disk is an OSError naming the file, never a Bus error. Resuming, and opening a store with
+:func:`open_features`, check that every array file is as long as its header says (refused,
+naming the file, if not) and every finished chunk's rows against the SHA-256 recorded when it
+was written (resuming re-encodes a damaged chunk; :func:`open_features` raises
+:class:`pyvae.errors.IntegrityError`).
+
 Under ``torchrun`` every process encodes the chunks ``i`` with ``i % WORLD_SIZE == RANK`` into
 the same store (which must live on a file system all processes share, e.g. a local disk for a
 single machine); rank 0 creates the store and marks it complete.
@@ -32,6 +41,7 @@ between chunks. It has no other effect and is not meant for normal use.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,8 +56,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import pyvae
-from pyvae._io import fsync_path, write_text_atomic
+from pyvae._io import LOCK_NAME, exclusive_lock, fsync_path, preallocate, write_text_atomic
 from pyvae.data import ImageFolder, NumpyImages, UnreadableImageError, load_dataset
+from pyvae.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
+from pyvae.errors import IntegrityError
 from pyvae.encode.stride1 import encode_patches, fully_convolutional
 from pyvae.train.distributed import setup
 
@@ -222,7 +234,8 @@ def _dataset_source(dataset, description: dict) -> _Source:
 
 
 def _resolve_source(source, *, size=None, crop=None, grayscale: bool | None = None,
-                   channels: int | None = None) -> _Source:
+                   channels: int | None = None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> _Source:
     """Turn ``source`` into rows, names, an image shape and a fingerprint (see
     :func:`encode_dataset`)."""
     is_path = isinstance(source, (str, os.PathLike))
@@ -236,7 +249,8 @@ def _resolve_source(source, *, size=None, crop=None, grayscale: bool | None = No
         with warnings.catch_warnings():  # its unreadable files are reported with the others
             warnings.simplefilter("ignore")
             dataset = ImageFolder(source, size=size, crop=crop,
-                                  grayscale=channels == 1 if grayscale is None else grayscale)
+                                  grayscale=channels == 1 if grayscale is None else grayscale,
+                                  max_pixels=max_pixels)
         return _folder_source(dataset)
     if isinstance(source, ImageFolder):
         return _folder_source(source)
@@ -383,7 +397,7 @@ def _only_leftovers_of_creation(out: Path) -> bool:
         if entry.name == CHUNKS and entry.is_dir():
             if any(p.name.endswith(".done") for p in entry.iterdir()):
                 return False
-        elif entry.name not in (FEATURES, LOGVAR, VALID) and not entry.name.startswith(
+        elif entry.name not in (FEATURES, LOGVAR, VALID, LOCK_NAME) and not entry.name.startswith(
                 f".{MANIFEST}.tmp-"):
             return False
     return True
@@ -400,6 +414,8 @@ def _create_store(out: Path, manifest: dict) -> None:
                                           shape=tuple(shape))
         array.flush()
         del array
+        # Reserve the disk blocks now: a full disk is an OSError here, not a SIGBUS later.
+        preallocate(out / name, (out / name).stat().st_size)
         fsync_path(out / name)
     _write_manifest(out, manifest)
 
@@ -408,7 +424,7 @@ def _prepare_store(out: Path, manifest: dict, resume: bool) -> dict:
     """Create the store, or check that the one there can be resumed; returns its manifest."""
     if out.exists() and not out.is_dir():
         raise StoreError(f"encode_dataset: out {str(out)!r} exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p.name != LOCK_NAME for p in out.iterdir()):
         _create_store(out, manifest)
         return manifest
     if not (out / MANIFEST).is_file():
@@ -442,9 +458,35 @@ def _prepare_store(out: Path, manifest: dict, resume: bool) -> dict:
     return {**manifest, "created": stored.get("created", manifest["created"])}
 
 
+def _check_length(path: Path) -> int:
+    """The byte length that ``path``'s .npy header implies; :class:`IntegrityError` naming the
+    file when the file is not that long (cut short: numpy would map zeros past its end) or its
+    header cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(file)
+            expected = file.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            actual = os.fstat(file.fileno()).st_size
+    except ValueError as error:
+        raise IntegrityError(f"{str(path)!r} is not a readable .npy file ({error}); the "
+                             f"feature store is damaged: encode it again into a new "
+                             f"directory") from None
+    if actual != expected:
+        raise IntegrityError(f"{str(path)!r} is {actual:,} bytes, but its header "
+                             f"({tuple(shape)} {dtype}) needs {expected:,}: the file was cut "
+                             f"short or damaged, so the feature store cannot be trusted; "
+                             f"encode it again into a new directory")
+    return expected
+
+
 def _open_arrays(out: Path, manifest: dict) -> dict[str, np.memmap]:
     arrays = {}
     for name in _array_names(manifest["with_logvar"]):
+        size = _check_length(out / name)
+        preallocate(out / name, size)  # e.g. a store copied as a sparse file
         array = np.load(out / name, mmap_mode="r+")
         expected = (tuple(manifest["shape"][:1]) if name == VALID else tuple(manifest["shape"]),
                     np.dtype(np.bool_ if name == VALID else manifest["dtype"]))
@@ -455,16 +497,50 @@ def _open_arrays(out: Path, manifest: dict) -> dict[str, np.memmap]:
     return arrays
 
 
-def _skipped_from_markers(out: Path, chunks: int) -> tuple[list[dict], list[int]]:
-    """The unreadable images recorded in the markers, and the chunks without a marker."""
-    skipped, missing = [], []
+def _skipped_from_markers(out: Path, chunks: int) -> tuple[list[dict], list[int], list]:
+    """The unreadable images recorded in the markers, the chunks without a marker, and every
+    chunk's ``{"rows": [start, stop], "sha256": {array: digest}}`` (None where not recorded)."""
+    skipped, missing, digests = [], [], []
     for chunk in range(chunks):
         path = _marker(out, chunk)
         if not path.is_file():
             missing.append(chunk)
+            digests.append(None)
             continue
-        skipped += json.loads(path.read_text())["skipped"]
-    return sorted(skipped, key=lambda entry: entry["index"]), missing
+        marker = json.loads(path.read_text())
+        skipped += marker["skipped"]
+        digests.append({"rows": marker["rows"], "sha256": marker["sha256"]}
+                       if "sha256" in marker else None)
+    return sorted(skipped, key=lambda entry: entry["index"]), missing, digests
+
+
+def _chunk_digests(arrays: dict, start: int, stop: int) -> dict[str, str]:
+    """The SHA-256 of rows [start, stop) of every array, read in blocks of at most 64 MB."""
+    digests = {}
+    for name, array in arrays.items():
+        digest = hashlib.sha256()
+        row_bytes = max(1, array[0:1].nbytes)
+        step = max(1, (64 << 20) // row_bytes)
+        for first in range(start, stop, step):
+            digest.update(np.ascontiguousarray(array[first:min(first + step, stop)]).data)
+        digests[name] = digest.hexdigest()
+    return digests
+
+
+def _damaged_chunks(out: Path, arrays: dict, chunks) -> list[int]:
+    """The finished chunks among ``chunks`` whose rows no longer match the SHA-256 in their
+    marker (or whose marker is unreadable). Markers without checksums are trusted."""
+    damaged = []
+    for chunk in chunks:
+        try:
+            marker = json.loads(_marker(out, chunk).read_text())
+            recorded, rows = marker.get("sha256"), marker["rows"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            damaged.append(chunk)
+            continue
+        if recorded is not None and _chunk_digests(arrays, *rows) != recorded:
+            damaged.append(chunk)
+    return damaged
 
 
 # ---- encode_dataset -------------------------------------------------------------------------
@@ -489,7 +565,8 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
                    with_logvar: bool = False, resume: bool = False, num_workers: int = 0,
                    device: str | torch.device | None = None, progress: bool = True,
                    size=None, crop=None, grayscale: bool | None = None,
-                   tile_size: int | None = None) -> EncodeResult:
+                   tile_size: int | None = None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> EncodeResult:
     """Encode every p×p patch (stride 1) of every image of a collection into a feature store.
 
     Args:
@@ -530,6 +607,10 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
             p − 1; the same features) to bound memory for big images; default whole images.
         size, crop, grayscale: folder sources only, see :func:`pyvae.data.load_image`
             (``grayscale`` defaults to ``model.channels == 1``).
+        max_pixels: the largest image (height × width) accepted, default
+            :data:`pyvae.data.DEFAULT_MAX_PIXELS` = 2**26 (None: no limit). Image files are
+            checked from their headers before anything is decoded (a small file can declare a
+            huge image) and the images of any source before the store is allocated.
 
     Returns:
         An :class:`EncodeResult` (path, shape, images/s, seconds, rows encoded, skipped).
@@ -542,8 +623,14 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
     arguments; a process group (Gloo on CPUs, NCCL on GPUs) is created if none exists and
     destroyed at the end. Process r encodes the chunks i with i % world_size == r.
 
+    The job holds ``out/.lock`` (rank 0 under ``torchrun``) until it ends: a second job on the
+    same store raises :class:`pyvae.errors.AlreadyRunningError` naming the process holding it.
+
     Raises:
         StoreError: ``out`` holds something else, or resuming would mix incompatible results.
+        AlreadyRunningError: another process is writing the store.
+        IntegrityError: resuming a store whose array files are shorter than their headers say.
+        OSError: the disk is full (naming the file), or another file error.
         ValueError / TypeError: naming the bad argument (source, dtype, batch_size, ...).
     """
     for attribute in ("encoder", "patch_size", "latent_dim", "preprocess"):
@@ -562,10 +649,19 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
     if precision not in PRECISIONS:
         raise ValueError(f"encode_dataset: precision must be None, 'fp32', 'bf16' or 'fp16', "
                          f"got {precision!r}")
+    try:
+        max_pixels = check_max_pixels(max_pixels)
+    except ValueError as error:
+        raise ValueError(f"encode_dataset: {error}") from None
     p = int(model.patch_size)
     channels = getattr(model, "channels", None)
-    src = _resolve_source(source, size=size, crop=crop, grayscale=grayscale, channels=channels)
+    src = _resolve_source(source, size=size, crop=crop, grayscale=grayscale, channels=channels,
+                          max_pixels=max_pixels)
     c, height, width = src.image_shape
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(f"encode_dataset: source images are {height}×{width} = "
+                         f"{height * width:,} pixels, more than max_pixels={max_pixels:,} "
+                         f"(--max-pixels); pass a larger max_pixels to encode them")
     if channels is not None and c != channels:
         hint = " (pass grayscale=True/False)" if src.description["kind"] == "folder" else ""
         raise ValueError(f"encode_dataset: source images have {c} channels, the model reads "
@@ -576,12 +672,30 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
 
     group = setup(device, next(model.parameters()).device)
     try:
-        return _run(model, src, Path(out), group, batch_size=batch_size, chunk_size=chunk_size,
-                    dtype=str(dtype), precision=precision, with_logvar=bool(with_logvar),
-                    resume=resume, num_workers=num_workers, progress=progress,
-                    tile_size=tile_size)
+        with _lock_store(Path(out), group):
+            return _run(model, src, Path(out), group, batch_size=batch_size,
+                        chunk_size=chunk_size, dtype=str(dtype), precision=precision,
+                        with_logvar=bool(with_logvar), resume=resume, num_workers=num_workers,
+                        progress=progress, tile_size=tile_size)
     finally:
         group.close()
+
+
+def _lock_store(out: Path, group) -> contextlib.ExitStack:
+    """Rank 0 takes the store's exclusive lock (held until the returned stack closes); every
+    rank raises if it could not."""
+    stack = contextlib.ExitStack()
+    error = None
+    if group.is_main:
+        try:
+            if out.exists() and not out.is_dir():
+                raise StoreError(f"encode_dataset: out {str(out)!r} exists and is not a "
+                                 f"directory")
+            stack.enter_context(exclusive_lock(out, "feature store"))
+        except BaseException as caught:  # noqa: BLE001  (re-raised by _agree)
+            error = caught
+    _agree(group, error)
+    return stack
 
 
 def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype, precision,
@@ -623,6 +737,18 @@ def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype
     arrays = _open_arrays(out, manifest)
 
     done = _done_chunks(out)
+    # Each rank checks the finished chunks it owns against their checksums; a damaged one is
+    # encoded again (its marker goes first, so a kill now leaves it unfinished, not wrong).
+    damaged = _damaged_chunks(out, arrays, sorted(k for k in done
+                                                 if k % group.world_size == group.rank))
+    if damaged:
+        warnings.warn(f"encode_dataset: {len(damaged)} finished chunk(s) of {str(out)!r} no "
+                      f"longer match their SHA-256 (damaged on disk?): {damaged[:10]}; "
+                      f"encoding them again", stacklevel=3)
+        for chunk in damaged:
+            _marker(out, chunk).unlink()
+        fsync_path(out / CHUNKS)
+        done -= set(damaged)
     mine = [k for k in range(chunks) if k % group.world_size == group.rank and k not in done]
     batches = [list(range(start, min(start + batch_size, stop)))
                for k in mine
@@ -654,7 +780,8 @@ def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype
                     array.flush()
                     os.fsync(fds[name])
                 marker = {"chunk": chunk, "rows": [chunk * chunk_size, stop],
-                          "rank": group.rank, "skipped": chunk_skipped}
+                          "rank": group.rank, "skipped": chunk_skipped,
+                          "sha256": _chunk_digests(arrays, chunk * chunk_size, stop)}
                 write_text_atomic(_marker(out, chunk), json.dumps(marker) + "\n")
                 skipped_now += chunk_skipped
                 chunk_skipped = []
@@ -677,11 +804,11 @@ def _run(model, src: _Source, out: Path, group, *, batch_size, chunk_size, dtype
     error = None
     if group.is_main:
         try:
-            skipped, missing = _skipped_from_markers(out, chunks)
+            skipped, missing, digests = _skipped_from_markers(out, chunks)
             if missing:
                 raise StoreError(f"encode_dataset: chunks {missing[:10]} of {str(out)!r} have "
                                  f"no marker after every process finished")
-            manifest.update(skipped=skipped, complete=True, last_run={
+            manifest.update(skipped=skipped, complete=True, chunk_sha256=digests, last_run={
                 "seconds": round(seconds, 3), "images": encoded,
                 "images_per_second": round(encoded / max(seconds, 1e-9), 3),
                 "processes": group.world_size, "device": str(group.device),
@@ -720,8 +847,8 @@ def _encode_batch(model, network, batch: dict, arrays: dict, device, compute_dty
     arrays[VALID][start:stop] = ok.numpy()
 
 
-def open_features(out: str | os.PathLike, *, require_complete: bool = True
-                  ) -> tuple[np.memmap, dict]:
+def open_features(out: str | os.PathLike, *, require_complete: bool = True,
+                  verify: bool = True) -> tuple[np.memmap, dict]:
     """Open a feature store written by :func:`encode_dataset` for reading.
 
     Args:
@@ -729,6 +856,10 @@ def open_features(out: str | os.PathLike, *, require_complete: bool = True
         require_complete: raise if the store is unfinished (a killed or running
             :func:`encode_dataset`); with False, rows whose ``valid.npy`` entry is False are
             not (yet) meaningful.
+        verify: check every array file's length against its header and every finished
+            chunk's rows against the SHA-256 recorded when it was written (reads the whole
+            store once, at about the disk's speed); :class:`pyvae.errors.IntegrityError`
+            naming the file and the rows if one differs. ``False`` skips this.
 
     Returns:
         ``(features, manifest)``: a read-only ``np.memmap`` (N, D, H − p + 1, W − p + 1) of the
@@ -754,5 +885,30 @@ def open_features(out: str | os.PathLike, *, require_complete: bool = True
         raise ValueError(f"open_features: the store in {str(out)!r} is incomplete (the encoding "
                          f"was interrupted or is still running); finish it with "
                          f"encode_dataset(..., resume=True), or pass require_complete=False")
+    if verify:
+        _verify_store(out, manifest)
     features = np.load(out / manifest["arrays"]["features"], mmap_mode="r")
     return features, manifest
+
+
+def _verify_store(out: Path, manifest: dict) -> None:
+    """IntegrityError naming the file if an array is cut short or a chunk's rows differ from
+    the SHA-256 recorded for them (the manifest's, else the chunk markers')."""
+    names = _array_names(manifest.get("with_logvar", False))
+    for name in names:
+        _check_length(out / name)
+    arrays = {name: np.load(out / name, mmap_mode="r") for name in names}
+    digests = manifest.get("chunk_sha256")
+    if digests is None:
+        digests = _skipped_from_markers(out, int(manifest.get("num_chunks", 0)))[2]
+    for chunk, entry in enumerate(digests):
+        if entry is None:
+            continue  # unfinished, or written by a pyvae without chunk checksums
+        actual = _chunk_digests(arrays, *entry["rows"])
+        for name, digest in entry["sha256"].items():
+            if actual.get(name) != digest:
+                start, stop = entry["rows"]
+                raise IntegrityError(
+                    f"open_features: {str(out / name)!r} is damaged: rows {start}..{stop - 1} "
+                    f"(chunk {chunk}) do not match the SHA-256 recorded when they were written; "
+                    f"re-encode them with encode_dataset(..., resume=True)")
