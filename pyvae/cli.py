@@ -341,10 +341,11 @@ OUT is a directory that numpy reads without pyvae:
   logvar.npy     the log-variances (--logvar)
   valid.npy      (N,) bool, False for unreadable images (their rows are NaN)
   manifest.json  image names in row order, skipped images and why, model config and hash,
-                 source fingerprint, "complete"
+                 source fingerprint, each chunk's SHA-256, "complete"
 Each chunk is fsync'ed before it is marked done (OUT/chunks/), so a killed run continues with
 --resume and gives the same bytes; resuming with another model, source or --dtype/--logvar/
---precision/--chunk-size/--size/--crop/--grayscale is refused."""
+--precision/--chunk-size/--size/--crop/--grayscale is refused, and a finished chunk that no
+longer matches its SHA-256 is encoded again. OUT/.lock keeps a second job off the store."""
 
 
 def _size_arg(text: str):
