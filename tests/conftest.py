@@ -60,3 +60,41 @@ def small_disk(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def run_torchrun(nproc: int, script, *args, env=None, timeout: float = 120):
+    """``python -m torch.distributed.run --nproc_per_node NPROC SCRIPT ARGS`` on a free port;
+    returns (exit status, combined output). A run that does not finish in ``timeout`` seconds
+    fails the test after killing torchrun and every worker (torchrun may start its workers in
+    sessions of their own, so killing its process group is not enough; the output goes to a
+    file, so that a stray worker holding a pipe cannot hang the test)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(port), str(script), *map(str, args)]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True, env=env)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as file:
+                        if str(script).encode() in file.read():
+                            os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+            process.wait()
+            log.seek(0)
+            pytest.fail(f"torchrun did not finish in {timeout} s:\n{log.read()[-4000:]}")
+        log.seek(0)
+        return process.returncode, log.read()

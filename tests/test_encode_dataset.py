@@ -24,6 +24,7 @@ from pyvae.encode import (StoreError, encode_dataset, encode_patches, open_featu
 from pyvae.encode.dataset import TEST_DELAY_ENV, model_hash
 from pyvae.models import PatchVAE
 from pyvae.train import load_model, save_checkpoint
+from conftest import run_torchrun
 
 N, SIZE = 12, 16
 
@@ -334,12 +335,9 @@ def test_torchrun_two_processes_equal_one(checkpoint, images, tmp_path):
     write_pngs(tmp_path / "imgs", images, truncated=(1, 4))  # chunk 0 (rank 0), 1 (rank 1)
     script = tmp_path / "encode_script.py"
     script.write_text(DISTRIBUTED)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(script), str(checkpoint),
-               str(tmp_path / "imgs"), str(tmp_path / "two")]
-    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    status, output = run_torchrun(2, script, checkpoint, tmp_path / "imgs", tmp_path / "two",
+                                  env=subprocess_env())
+    assert status == 0, output[-4000:]
     for rank in (0, 1):  # every rank returns the store's rows and every rank's skips
         assert (tmp_path / f"two.rank{rank}").read_text() == f"{N} 2"
 

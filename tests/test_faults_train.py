@@ -16,6 +16,7 @@ from pyvae import _io
 from pyvae.errors import AlreadyRunningError, IntegrityError, UserError
 from pyvae.train import (MissingCheckpointError, TrainingDiverged, fit, load_checkpoint,
                          load_model, read_metrics, save_checkpoint)
+from conftest import run_torchrun
 from test_train import (TESTS_DIR, ToyAE, ToyImages, ToyVAE, assert_same_parameters, free_port,
                         parameters)
 
@@ -197,19 +198,10 @@ def test_under_torchrun_every_rank_stops_when_rank_0_cannot_lock(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(BUSY_DDP_SCRIPT.format(tests=TESTS_DIR))
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(script), str(run_dir)]
     with _io.exclusive_lock(run_dir, "run directory"):
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, start_new_session=True,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-        try:
-            output, _ = process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            pytest.fail(f"torchrun did not finish in 120 s:\n{output[-4000:]}")
-    assert process.returncode != 0
+        status, output = run_torchrun(2, script, run_dir,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert status != 0
     assert "AlreadyRunningError" in output and "MainRankFailed" in output, output[-4000:]
     assert not (run_dir / "metrics.jsonl").exists()
 

@@ -25,6 +25,7 @@ from pyvae.train import (ShardedBatchSampler, TrainingDiverged, collate_images, 
                          load_checkpoint, load_model, read_metrics, save_checkpoint, split_dataset)
 from pyvae.train.metrics import MetricLayout
 from pyvae.train.schedules import kl_weight, lr_factor
+from conftest import run_torchrun
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 QUIET = dict(progress=False, log_every=1, checkpoint_every=None)
@@ -547,19 +548,9 @@ DDP_RUN = dict(steps=9, lr=1e-2, lr_schedule="linear", kl_warmup_steps=3, eval_f
 def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=TESTS_DIR))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(script), str(tmp_path / "ddp")]
-    # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun did not finish in 120 s:\n{output[-4000:]}")
-    assert process.returncode == 0, output[-4000:]
+    status, output = run_torchrun(2, script, tmp_path / "ddp",
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert status == 0, output[-4000:]
 
     torch.manual_seed(0)
     single = ToyAE()

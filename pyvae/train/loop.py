@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -333,6 +334,7 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
     if eval_fraction > 0:
         dataset, eval_dataset = split_dataset(dataset, eval_fraction, seed)
     dist = distributed.setup(device, default=model.device)
+    trainer = None
     try:
         with contextlib.ExitStack() as stack:
             _on_main_rank(dist, lambda: stack.enter_context(
@@ -341,6 +343,12 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
                                extra_config or {}, progress)
             return trainer.run()
     finally:
+        # The DistributedDataParallel wrapper's reducer holds the process group: free it while
+        # the group is alive. Left for later, its destructor can be the one that destroys a
+        # Gloo group, joining Gloo's threads while holding the GIL they wait for (a hang seen
+        # at the end of a torchrun run).
+        del trainer
+        gc.collect()
         dist.close()
 
 
