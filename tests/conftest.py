@@ -98,3 +98,15 @@ def run_torchrun(nproc: int, script, *args, env=None, timeout: float = 120):
             pytest.fail(f"torchrun did not finish in {timeout} s:\n{log.read()[-4000:]}")
         log.seek(0)
         return process.returncode, log.read()
+
+
+def kernel_op(name: str, backend: str):
+    """The registered op ``pyvae::NAME`` that ``backend`` runs: the C++ op (CPU or CUDA kernel,
+    by the tensors' device) or its Triton twin ``pyvae::NAME_triton``."""
+    return getattr(torch.ops.pyvae, f"{name}_triton" if backend == "triton" else name)
+
+
+def opcheck_op(name: str, backend: str, args: tuple) -> None:
+    """``torch.library.opcheck`` of one kernel op: schema, fake (meta) kernel against the real
+    one, autograd registration and AOT dispatch."""
+    torch.library.opcheck(kernel_op(name, backend), args)

@@ -393,3 +393,23 @@ def test_bad_inputs(backend, device):
             kl_decomposition(z, mu, bad, 100)
     with pytest.raises(ValueError, match="at least 2 samples"):
         mss_log_weights(1, 10)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(backend, device, dtype):
+    """torch.library.opcheck on the forward and backward kernel ops (odd B and D)."""
+    from conftest import kernel_op, opcheck_op
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+
+    weights = (-1.5, -2.5, -3.5)
+    z, mu, logvar = rand(9, 5, grad=True), rand(9, 5, grad=True), rand(9, 5, grad=True)
+    opcheck_op("kl_decomposition_forward", backend, (z, mu, logvar, *weights))
+    saved = [t.detach() for t in (z, mu, logvar)]
+    log_qz, lse = kernel_op("kl_decomposition_forward", backend)(*saved, *weights)
+    for grad_log_qz, grad_lse in [(torch.randn_like(log_qz), torch.randn_like(lse)),
+                                  (torch.randn_like(log_qz), None)]:
+        opcheck_op("kl_decomposition_backward", backend,
+                   (grad_log_qz, grad_lse, *saved, log_qz, lse, *weights))

@@ -368,3 +368,23 @@ def test_bad_inputs(backend, device):
             masked_conv2d(bad, weight, bias)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         masked_conv2d_mask(2, 2, 4)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_type, color_channels", [(0, 3), (1, 1)])
+def test_opcheck(backend, device, dtype, mask_type, color_channels):
+    """torch.library.opcheck on the forward and backward kernel ops (odd sizes, both mask
+    types, 1 and 3 colour groups, dilation 2)."""
+    from conftest import opcheck_op
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+
+    x, weight, bias = rand(2, 6, 9, 7, grad=True), rand(9, 6, 3, 3, grad=True), rand(9, grad=True)
+    opcheck_op("masked_conv2d_forward", backend, (x, weight, bias, mask_type, color_channels, 2))
+    grad_y = rand(2, 9, 9, 7)
+    for output_mask in ([True, True, True], [True, False, False]):
+        opcheck_op("masked_conv2d_backward", backend,
+                   (grad_y, x.detach(), weight.detach(), mask_type, color_channels, 2,
+                    output_mask))

@@ -356,3 +356,25 @@ def test_bad_inputs(backend, device):
         assert torch.isnan(kl[1]) and not torch.isnan(kl[0])
         with nan_policy("raise"), pytest.raises(ValueError, match="logvar contains NaN"):
             reparameterize_kl(mu, bad)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(backend, device, dtype):
+    """torch.library.opcheck on the forward and backward kernel ops (odd sizes, both noise
+    sources, with and without a prior)."""
+    from conftest import opcheck_op
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+
+    seed = torch.tensor([77], dtype=torch.int64, device=device)
+    rows, cols = 7, 5
+    for eps, prior in [(rand(rows, cols), None), (None, (rand(rows, cols), rand(rows, cols)))]:
+        prior_mu, prior_logvar = prior if prior else (None, None)
+        forward = (rand(rows, cols, grad=True), rand(rows, cols, grad=True), eps,
+                   None if eps is not None else seed, prior_mu, prior_logvar)
+        opcheck_op("reparameterize_kl_forward", backend, forward)
+        grads = (rand(rows, cols), torch.randn(rows, device=device, dtype=dtype))
+        opcheck_op("reparameterize_kl_backward", backend,
+                   (*grads, *(t.detach() if t is not None else None for t in forward)))
