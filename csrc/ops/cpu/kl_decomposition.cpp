@@ -72,10 +72,10 @@ PYVAE_INLINE T sum_of(const T* __restrict__ x, int64_t n) {
   return sum;
 }
 
-// logsumexp of n values (two passes: maximum, then the shifted sum).
+// shift + log sum exp(x - shift): the logsumexp of n values, given a shift no smaller than
+// their maximum (or safe_shift of it).
 template <typename T>
-PYVAE_INLINE T logsumexp(const T* __restrict__ x, int64_t n) {
-  const T shift = safe_shift(max_of(x, n));
+PYVAE_INLINE T shifted_logsumexp(const T* __restrict__ x, int64_t n, T shift) {
   T lane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -84,6 +84,12 @@ PYVAE_INLINE T logsumexp(const T* __restrict__ x, int64_t n) {
   T sum = T(0);
   for (int k = 0; k < kLanes; ++k) sum += lane[k];
   return shift + std::log(sum);
+}
+
+// logsumexp of n values (two passes: maximum, then the shifted sum).
+template <typename T>
+PYVAE_INLINE T logsumexp(const T* __restrict__ x, int64_t n) {
+  return shifted_logsumexp(x, n, safe_shift(max_of(x, n)));
 }
 
 // ---- the batch ---------------------------------------------------------------------------------
@@ -138,16 +144,33 @@ PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joi
     const T* __restrict__ mu_d = in.mu + d * B;
     const T* __restrict__ iv_d = in.inv_var + d * B;
     const T* __restrict__ ln_d = in.log_norm + d * B;
-    for (int64_t j = 0; j < B; ++j) {
+    // ell, the joint's running sum and x = ell + lw_other in one pass, which also keeps the
+    // running maximum of x in kLanes independent lanes (vectorisable as is).
+    T lane[kLanes];
+    for (int k = 0; k < kLanes; ++k) lane[k] = kNegInf<T>;
+    int64_t j = 0;
+    for (; j + kLanes <= B; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) {
+        const T diff = z_id - mu_d[j + k];
+        const T ell = ln_d[j + k] - T(0.5) * diff * diff * iv_d[j + k];
+        joint[j + k] += ell;
+        const T value = ell + lw_other;
+        x[j + k] = value;
+        lane[k] = value > lane[k] ? value : lane[k];
+      }
+    for (; j < B; ++j) {
       const T diff = z_id - mu_d[j];
       const T ell = ln_d[j] - T(0.5) * diff * diff * iv_d[j];
       joint[j] += ell;
       x[j] = ell + lw_other;
+      lane[0] = x[j] > lane[0] ? x[j] : lane[0];
     }
     // The two special pairs, set (not corrected: lw_other may be -inf) from their ell.
     x[next] = in.ell(i, d, next) + in.lw_next;
     x[i] = in.ell(i, d, i) + in.lw_self;
-    lse_row[d] = logsumexp(x, B);
+    T max = x[next] > x[i] ? x[next] : x[i];
+    for (int k = 0; k < kLanes; ++k) max = lane[k] > max ? lane[k] : max;
+    lse_row[d] = shifted_logsumexp(x, B, safe_shift(max));
   }
   set_log_weights(in, i, joint, x);
   *log_qz_i = logsumexp(x, B);
@@ -315,10 +338,11 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
 
 // The blocks of samples of the backward: a function of (B, D) only, never of the thread count,
 // so that the fixed-order sum of their buffers gives the same bits on every machine. At most
-// 16 blocks and 256 MB of buffers; at least ~1M pair-dimension terms per block.
+// 16 blocks and 256 MB of buffers; at least ~64k pair-dimension terms per block (so that small
+// batches still use more than one thread).
 int64_t backward_blocks(int64_t batch, int64_t dim, int64_t elem_bytes) {
   const int64_t work = batch * batch * dim;
-  const int64_t by_work = std::max<int64_t>(1, work >> 20);
+  const int64_t by_work = std::max<int64_t>(1, work >> 16);
   const int64_t by_memory =
       std::max<int64_t>(1, (int64_t(256) << 20) / std::max<int64_t>(2 * dim * batch * elem_bytes, 1));
   return std::min({by_work, by_memory, int64_t(16), batch});
