@@ -239,15 +239,15 @@ def test_resume_after_a_crash_during_creation(model, images, tmp_path):
     assert open_features(out)[0].shape == (N, 4, SIZE - 2, SIZE - 2)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"dtype": "float64"}, "dtype must be one of"),
-    ({"precision": "fp8"}, "precision must be"),
-    ({"batch_size": 0}, "batch_size must be an int >= 1"),
-    ({"chunk_size": 2.5}, "chunk_size must be an int >= 1"),
-    ({"size": 8}, "size= applies to image-folder sources only"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"dtype": "float64"}, ValueError, "dtype must be one of"),
+    ({"precision": "fp8"}, ValueError, "precision must be"),
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"chunk_size": 2.5}, TypeError, "chunk_size must be an int, got float"),
+    ({"size": 8}, ValueError, "size= applies to image-folder sources only"),
 ])
-def test_argument_errors(model, images, tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_argument_errors(model, images, tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
         encode_dataset(model, images, tmp_path / "s", progress=False, **kwargs)
     assert not (tmp_path / "s").exists()
 

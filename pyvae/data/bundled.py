@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pyvae.data._utils import check_int
+from pyvae._validate import check_int
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +51,7 @@ class Digits(Dataset):
     """
 
     def __init__(self, size: int = 8):
-        size = check_int(size, "size", 1)
+        size = check_int(None, "size", size, 1)
         pixels, labels = _digits()
         images = torch.from_numpy(pixels.astype(np.float32) / 16.0).unsqueeze(1)
         if size != 8:
@@ -107,8 +107,8 @@ class Photos(Dataset):
     def __init__(self, crop_size: int = 64, stride: int | None = None, grayscale: bool = False):
         self.photos = photo_images(grayscale)
         height, width = self.photos[0].shape[1:]
-        self.crop_size = check_int(crop_size, "crop_size", 1, min(height, width))
-        self.stride = self.crop_size if stride is None else check_int(stride, "stride", 1)
+        self.crop_size = check_int(None, "crop_size", crop_size, 1, min(height, width))
+        self.stride = self.crop_size if stride is None else check_int(None, "stride", stride, 1)
         positions = [(k, y, x) for k, photo in enumerate(self.photos)
                      for y in range(0, photo.shape[1] - self.crop_size + 1, self.stride)
                      for x in range(0, photo.shape[2] - self.crop_size + 1, self.stride)]

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyvae.data._utils import check_int
+from pyvae._validate import check_int
 
 
 class RandomPatches(Dataset):
@@ -32,9 +32,9 @@ class RandomPatches(Dataset):
 
     def __init__(self, dataset: Dataset, patch_size: int, patches_per_image: int, *, seed: int = 0):
         self.dataset = dataset
-        self.patch_size = check_int(patch_size, "patch_size", 1)
-        self.patches_per_image = check_int(patches_per_image, "patches_per_image", 1)
-        self.seed = check_int(seed, "seed", 0)
+        self.patch_size = check_int(None, "patch_size", patch_size, 1)
+        self.patches_per_image = check_int(None, "patches_per_image", patches_per_image, 1)
+        self.seed = check_int(None, "seed", seed, 0)
         shape = getattr(dataset, "image_shape", None)
         channels, height, width = tuple(shape) if shape is not None else tuple(dataset[0].shape)
         if self.patch_size > min(height, width):
@@ -48,7 +48,7 @@ class RandomPatches(Dataset):
 
     def positions(self, index: int) -> tuple[int, int, int]:
         """``(image, y, x)`` of item ``index``: the source image and the patch's top-left pixel."""
-        index = check_int(index, "index")
+        index = check_int(None, "index", index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
         index %= len(self)

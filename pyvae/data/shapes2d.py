@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyvae.data._utils import check_int
+from pyvae._validate import check_int
 
 _CANVAS = 64
 # A sprite is a 33×33 patch whose centre is the centre of its pixel 16; pos = j puts the patch's
@@ -117,11 +117,11 @@ class Shapes2D(Dataset):
     num_combinations = int(np.prod(factor_sizes))
 
     def __init__(self, size: int | None = None, seed: int = 0):
-        seed = check_int(seed, "seed", 0)
+        seed = check_int(None, "seed", seed, 0)
         if size is None:
             self.indices = None
         else:
-            size = check_int(size, "size", 1, self.num_combinations)
+            size = check_int(None, "size", size, 1, self.num_combinations)
             rng = np.random.default_rng(seed)
             self.indices = rng.choice(self.num_combinations, size, replace=False).astype(np.int64)
 
@@ -168,7 +168,7 @@ class Shapes2D(Dataset):
             rng: a ``numpy.random.Generator`` (advanced in place), a seed, or ``None`` (fresh
                 entropy).
         """
-        n = check_int(n, "n", 0)
+        n = check_int(None, "n", n, 0)
         rng = np.random.default_rng(rng)
         columns = [rng.integers(0, k, size=n, dtype=np.int64) for k in cls.factor_sizes]
         return np.stack(columns, axis=1)

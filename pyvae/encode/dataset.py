@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 import pyvae
 from pyvae._io import LOCK_NAME, exclusive_lock, fsync_path, preallocate, write_text_atomic
+from pyvae._validate import check_int
 from pyvae.data import ImageFolder, NumpyImages, UnreadableImageError, load_dataset
 from pyvae.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from pyvae.errors import IntegrityError
@@ -545,12 +546,6 @@ def _damaged_chunks(out: Path, arrays: dict, chunks) -> list[int]:
 
 # ---- encode_dataset -------------------------------------------------------------------------
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"encode_dataset: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _agree(group, error: BaseException | None) -> None:
     """Raise on every rank if rank 0 failed (rank 0 re-raises its own error); a barrier."""
     messages = group.gather(None if error is None else f"{type(error).__name__}: {error}")
@@ -639,11 +634,11 @@ def encode_dataset(model, source, out: str | os.PathLike, *, batch_size: int = 6
                             f".patch_size, .latent_dim and .preprocess (e.g. "
                             f"pyvae.models.PatchVAE); {type(model).__name__} lacks "
                             f".{attribute}")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    batch_size = check_int("encode_dataset", "batch_size", batch_size, 1)
+    chunk_size = check_int("encode_dataset", "chunk_size", chunk_size, 1)
     if tile_size is not None:
-        tile_size = _check_int("tile_size", tile_size, int(model.patch_size))
-    num_workers = _check_int("num_workers", num_workers, 0)
+        tile_size = check_int("encode_dataset", "tile_size", tile_size, int(model.patch_size))
+    num_workers = check_int("encode_dataset", "num_workers", num_workers, 0)
     if str(dtype) not in STORE_DTYPES:
         raise ValueError(f"encode_dataset: dtype must be one of {STORE_DTYPES}, got {dtype!r}")
     if precision not in PRECISIONS:

@@ -1,19 +1,8 @@
 """Argument checks and conversions shared by the metrics (private)."""
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
-
-
-def check_int(owner: str, name: str, value, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, else a TypeError/ValueError naming ``owner.name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def to_numpy(owner: str, name: str, value) -> np.ndarray:

@@ -34,7 +34,8 @@ from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import mutual_info_score
 
-from pyvae.metrics._utils import as_discrete, as_matrix, check_int, to_numpy
+from pyvae._validate import check_int
+from pyvae.metrics._utils import as_discrete, as_matrix, to_numpy
 
 # ----------------------------------------------------------------------------------------------
 # Sampling from a ground-truth data set

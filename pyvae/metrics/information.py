@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pyvae.metrics._utils import check_int
+from pyvae._validate import check_int
 from pyvae.models.capacity import CapacityAE, gaussian_channel_capacity_bits
 from pyvae.models.hierarchical import HierarchicalVAE
 

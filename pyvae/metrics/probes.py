@@ -15,7 +15,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from torch.utils.data import DataLoader
 
-from pyvae.metrics._utils import as_discrete, as_matrix, check_int, to_numpy
+from pyvae._validate import check_int
+from pyvae.metrics._utils import as_discrete, as_matrix, to_numpy
 from pyvae.metrics.information import collate_images
 
 PROBE_KINDS = ("logistic", "linear_svm", "rbf_svm", "knn")

@@ -17,7 +17,7 @@ from pyvae.models.base import LN2, BaseVAE, ModelOutput, register
 from pyvae.models.conv import ConvDecoder, ConvEncoder, check_image_size
 from pyvae.models.likelihoods import Likelihood
 from pyvae.models.vae import check_images
-from pyvae.nn.masked_conv import check_int
+from pyvae._validate import check_int
 from pyvae.ops.reparameterize_kl import reparameterize_kl
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from pyvae.models.base import LN2, BaseVAE, ModelOutput, register
 from pyvae.models.vae import check_images
-from pyvae.nn.masked_conv import check_int
+from pyvae._validate import check_int
 from pyvae.nn.pixelcnn import PixelCNN
 from pyvae.ops.reparameterize_kl import reparameterize_kl
 

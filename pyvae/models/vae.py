@@ -14,7 +14,7 @@ from pyvae.models.base import LN2, BaseVAE, ModelOutput, register
 from pyvae.models.conv import ConvDecoder, ConvEncoder, check_image_size
 from pyvae.models.likelihoods import Likelihood
 from pyvae.models.mlp import MLPDecoder, MLPEncoder
-from pyvae.nn.masked_conv import check_int
+from pyvae._validate import check_int
 from pyvae.ops.kl_decomposition import kl_decomposition
 from pyvae.ops.reparameterize_kl import reparameterize_kl
 

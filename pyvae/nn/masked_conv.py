@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 
+from pyvae._validate import check_int
 from pyvae.ops import masked_conv2d, masked_conv2d_mask
 
 MASK_TYPES = ("A", "B")
-
-
-def check_int(owner: str, name: str, value, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, else a TypeError/ValueError naming ``owner.name``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def check_kernel_size(owner: str, kernel_size) -> int:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyvae.nn.masked_conv import MaskedConv2d, check_groups, check_int, check_kernel_size
+from pyvae._validate import check_int
+from pyvae.nn.masked_conv import MaskedConv2d, check_groups, check_kernel_size
 
 
 def bits_per_dim(log_prob: torch.Tensor, num_dims: int) -> torch.Tensor:

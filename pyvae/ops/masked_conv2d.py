@@ -12,11 +12,11 @@ their gradients are exactly 0.
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 import torch.nn.functional as F
 
+from pyvae._validate import check_int
 from pyvae.ops import _backend, _checks
 
 OP = "masked_conv2d"
@@ -29,20 +29,12 @@ def _mask_type_index(mask_type) -> int:
     return MASK_TYPES.index(mask_type)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{OP}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{OP}: {name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 # The kernels take the geometry as 32-bit ints: dilation * k (which bounds the padding) must fit.
 INT32_MAX = 2**31 - 1
 
 
 def _check_dilation(dilation, kernel_size: int) -> int:
-    dilation = _check_int("dilation", dilation, 1)
+    dilation = check_int(OP, "dilation", dilation, 1)
     if dilation * kernel_size > INT32_MAX:
         raise ValueError(f"{OP}: dilation must be at most {INT32_MAX // kernel_size} for "
                          f"k = {kernel_size} (dilation * k must fit a 32-bit int), got {dilation}")
@@ -50,13 +42,13 @@ def _check_dilation(dilation, kernel_size: int) -> int:
 
 
 def _check_mask_args(out_channels, in_channels, kernel_size, mask_type, color_channels) -> None:
-    _check_int("out_channels", out_channels, 1)
-    _check_int("in_channels", in_channels, 1)
-    _check_int("kernel_size", kernel_size, 1)
+    check_int(OP, "out_channels", out_channels, 1)
+    check_int(OP, "in_channels", in_channels, 1)
+    check_int(OP, "kernel_size", kernel_size, 1)
     if kernel_size % 2 != 1:
         raise ValueError(f"{OP}: kernel_size must be odd, got {kernel_size}")
     _mask_type_index(mask_type)
-    _check_int("color_channels", color_channels, 1)
+    check_int(OP, "color_channels", color_channels, 1)
     if in_channels % color_channels or out_channels % color_channels:
         raise ValueError(f"{OP}: color_channels ({color_channels}) must divide both in_channels "
                          f"({in_channels}) and out_channels ({out_channels})")
