@@ -1,6 +1,11 @@
 """Shared fixtures. Without CUDA the Triton kernels run on CPU tensors under the interpreter;
 the variable must be set before triton compiles (decorates) any kernel."""
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -43,8 +48,6 @@ def small_disk(tmp_path):
     """A directory on a freshly mounted 2 MiB tmpfs, for full-disk tests: ``small_disk(size)``
     mounts one of ``size`` bytes and returns its path. Needs root and mount permission (the CI
     machines have both); skips where the mount is refused."""
-    import subprocess
-
     mounted = []
 
     def mount(size: int = 2 << 20):
@@ -68,12 +71,6 @@ def run_torchrun(nproc: int, script, *args, env=None, timeout: float = 120):
     fails the test after killing torchrun and every worker (torchrun may start its workers in
     sessions of their own, so killing its process group is not enough; the output goes to a
     file, so that a stray worker holding a pipe cannot hang the test)."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -4,7 +4,6 @@ and the similarity maps."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -78,12 +77,6 @@ def write_pngs(folder: Path, images: torch.Tensor, *, truncated=(), garbage=()) 
             path.write_bytes(b"definitely not an image" * 4)
         names.append(name)
     return names
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def subprocess_env(threads: int = 1, **extra) -> dict:

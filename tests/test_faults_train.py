@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -17,8 +16,7 @@ from pyvae.errors import AlreadyRunningError, IntegrityError, UserError
 from pyvae.train import (MissingCheckpointError, TrainingDiverged, fit, load_checkpoint,
                          load_model, read_metrics, save_checkpoint)
 from conftest import run_torchrun
-from test_train import (TESTS_DIR, ToyAE, ToyImages, ToyVAE, assert_same_parameters, free_port,
-                        parameters)
+from test_train import TESTS_DIR, ToyAE, ToyImages, ToyVAE, assert_same_parameters, parameters
 
 QUIET = dict(progress=False, log_every=1)
 

@@ -5,7 +5,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -140,12 +139,6 @@ def assert_same_parameters(a, b):
 
 def train_records(out_dir):
     return [r for r in read_metrics(out_dir) if r["split"] == "train"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- data order ---------------------------------------------------------------------------------
