@@ -290,22 +290,19 @@ def cmd_train(args) -> int:
     """Build the model and data from the flags and config, and run pyvae.train.fit."""
     from pyvae.models import MODELS
     from pyvae.train import MainRankFailed, TrainingDiverged, fit
-    try:
-        model_config, data_config, eval_config, train = _train_settings(args)
-        name = model_config.pop("name")
-        if name not in MODELS:
-            raise _UsageError(f"--model: unknown model {name!r}; registered: {sorted(MODELS)}")
-        data_options = {k: v for k, v in data_config.items() if k != "spec"}
-        dataset = _load_dataset(data_config["spec"], data_options)
-        if eval_config is not None:
-            train["eval_dataset"] = _load_dataset(
-                eval_config["spec"], {k: v for k, v in eval_config.items() if k != "spec"})
-        model_config.update(_data_kwargs(MODELS[name], model_config, dataset, train))
-        if "device" in train:
-            check_device(train["device"], "--device")
-    except _UsageError as error:
-        print(f"pyvae train: error: {error}", file=sys.stderr)
-        return 2
+    # Mistakes raise a UserError (or ValueError, ...), which main() prints as one line.
+    model_config, data_config, eval_config, train = _train_settings(args)
+    name = model_config.pop("name")
+    if name not in MODELS:
+        raise _UsageError(f"--model: unknown model {name!r}; registered: {sorted(MODELS)}")
+    data_options = {k: v for k, v in data_config.items() if k != "spec"}
+    dataset = _load_dataset(data_config["spec"], data_options)
+    if eval_config is not None:
+        train["eval_dataset"] = _load_dataset(
+            eval_config["spec"], {k: v for k, v in eval_config.items() if k != "spec"})
+    model_config.update(_data_kwargs(MODELS[name], model_config, dataset, train))
+    if "device" in train:
+        check_device(train["device"], "--device")
     train.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(train.get("seed", 0))  # the initial weights depend on the seed alone
     model = MODELS[name](**model_config)
@@ -440,16 +437,12 @@ def cmd_encode(args) -> int:
         check_device(device, "--device")
     if device is None and "RANK" not in os.environ and torch.cuda.is_available():
         device = "cuda"
-    try:
-        result = encode_dataset(
-            model, args.source, args.out, batch_size=args.batch_size,
-            chunk_size=args.chunk_size, dtype=args.dtype, precision=args.precision,
-            with_logvar=args.logvar, resume=args.resume, num_workers=args.num_workers,
-            device=device, progress=args.progress, size=args.size, crop=args.crop,
-            grayscale=args.grayscale, tile_size=args.tile_size, max_pixels=args.max_pixels)
-    except USER_ERRORS as error:
-        print(f"pyvae encode: error: {_one_line(error)}", file=sys.stderr)
-        return 2
+    result = encode_dataset(  # its user errors: one line, by main()
+        model, args.source, args.out, batch_size=args.batch_size,
+        chunk_size=args.chunk_size, dtype=args.dtype, precision=args.precision,
+        with_logvar=args.logvar, resume=args.resume, num_workers=args.num_workers,
+        device=device, progress=args.progress, size=args.size, crop=args.crop,
+        grayscale=args.grayscale, tile_size=args.tile_size, max_pixels=args.max_pixels)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"pyvae encode: {result.encoded} images in {result.seconds:.1f} s "
               f"({result.images_per_second:.1f} images/s); store {result.path}, features "
