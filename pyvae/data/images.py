@@ -1,6 +1,7 @@
 """Images from files: a folder of PNG/JPEG files and arrays of images in ``.npy`` files."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -44,20 +45,17 @@ def check_image_pixels(path, height: int, width: int, max_pixels: int | None) ->
                          f"max_pixels to read it")
 
 
-class _PyvaeBombCheck:
+@contextlib.contextmanager
+def _pyvae_bomb_check():
     """While the body runs, Pillow's own decompression-bomb check (a warning above its
     ``Image.MAX_IMAGE_PIXELS``, an error above twice that, raised while opening) is off:
     :func:`check_image_pixels` applies ``max_pixels`` to the same header instead, so that the
     limit is the one the user set and the error names the file and ``max_pixels``."""
-
-    def __enter__(self):
-        self.saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        return self
-
-    def __exit__(self, *exc):
-        Image.MAX_IMAGE_PIXELS = self.saved
-        return False
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 class UnreadableImageError(OSError):
@@ -121,7 +119,7 @@ def load_image(path: str | os.PathLike, *, size=None, crop=None, grayscale: bool
     size, crop = check_size(size), check_pair(crop, "crop")
     max_pixels = check_max_pixels(max_pixels)
     try:
-        with _PyvaeBombCheck(), Image.open(path) as image:
+        with _pyvae_bomb_check(), Image.open(path) as image:
             check_image_pixels(path, image.height, image.width, max_pixels)
             image.load()  # the full decode: truncated or corrupt data fails here
             if image.mode.startswith("I;16") or image.mode == "I":
@@ -206,7 +204,7 @@ class ImageFolder(Dataset):
         first_size = None
         for relative in candidates:
             try:
-                with _PyvaeBombCheck(), Image.open(self.root / relative) as image:
+                with _pyvae_bomb_check(), Image.open(self.root / relative) as image:
                     header_size = image.height, image.width  # the header only
             except Exception as error:
                 self.unreadable.append((self.root / relative, str(error)))
