@@ -38,7 +38,6 @@ import torch
 import triton
 import triton.language as tl
 
-_MASK_TYPES = {"A": 0, "B": 1}
 
 # grad_weight has few output tiles (C_in x C_out per tap) and a long reduction over the pixels:
 # split the pixels so that about this many programs run, with at least _MIN_SPLIT_BLOCKS pixel
@@ -359,7 +358,7 @@ def _launch_gemm(src, packed, bias, table, out, red_channels, out_channels, colo
         packed.stride(0),
         red_stride,
         out_stride,
-        TYPE_B=_MASK_TYPES[mask_type],
+        TYPE_B=mask_type,
         TRANSPOSED=transposed,
         HAS_BIAS=bias is not None,
         **_dot_args(src),
@@ -377,7 +376,7 @@ def masked_conv2d_forward(x, weight, bias, mask_type, color_channels, dilation):
         x: (N, C_in, H, W) contiguous, float32/float64/float16/bfloat16.
         weight: (C_out, C_in, k, k) contiguous in x's dtype, k odd.
         bias: (C_out,) in x's dtype, or None.
-        mask_type: "A" (centre excluded within a group) or "B" (included).
+        mask_type: 0 for "A" (centre excluded within a group), 1 for "B" (included).
         color_channels: G, dividing C_in and C_out.
         dilation: positive int.
 
@@ -430,7 +429,7 @@ def _grad_weight(grad_y, x, kernel_size, table, mask_type, color_channels):
         table.shape[0],
         kernel_taps,
         blocks_per_split * block_p,
-        TYPE_B=_MASK_TYPES[mask_type],
+        TYPE_B=mask_type,
         **_dot_args(x),
         BLOCK_I=block_i,
         BLOCK_O=block_o,

@@ -3,10 +3,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import pyvae
 from pyvae.cli import main
+from pyvae.ops import _backend
 
 
 def test_import_without_triton():
@@ -41,3 +43,20 @@ def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "pyvae")
     result = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"pyvae {pyvae.__version__}"
+
+
+@pytest.mark.parametrize("op", _backend.KERNEL_OPS)
+@pytest.mark.parametrize("step", ["forward", "backward"])
+def test_triton_twin_has_the_cpp_schema(op, step):
+    # pyvae.ops._register defines each Triton op from a schema string written in Python: it must
+    # stay the schema of csrc/ops/<op>.cpp, so that the backends are called the same way.
+    if _backend.EXTENSION_ERROR is not None:
+        pytest.skip(_backend.EXTENSION_ERROR)
+    cpp = str(getattr(torch.ops.pyvae, f"{op}_{step}").default._schema)
+    triton = str(getattr(torch.ops.pyvae, f"{op}_{step}_triton").default._schema)
+    assert triton.replace(f"{op}_{step}_triton(", f"{op}_{step}(") == cpp
+
+
+def test_every_op_is_a_kernel_op():
+    assert sorted(_backend.KERNEL_OPS) == ["kl_decomposition", "masked_conv2d",
+                                           "reparameterize_kl"]

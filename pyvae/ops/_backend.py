@@ -9,7 +9,6 @@ fallback, and :func:`last_backend` tells which kernel the latest call of an op r
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -40,13 +39,22 @@ _requested: list[str] = []
 _last_backend: dict[str, str] = {}
 
 
-def _cuda_kernels_built() -> bool:
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "pyvae::reparameterize_kl_forward", "CUDA")
+#: The kernel ops defined so far (pyvae.ops._register.define_kernel_op adds each).
+KERNEL_OPS: list[str] = []
 
 
-def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
-    """Why ``backend`` cannot run tensors on ``device`` (None when it can)."""
+def _cuda_kernels_built(op: str | None) -> bool:
+    """Whether pyvae._C has CUDA kernels for ``op``'s forward and backward (None: every op's)."""
+    ops = KERNEL_OPS if op is None else [op]
+    return EXTENSION_ERROR is None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"pyvae::{name}_{step}", "CUDA")
+        for name in ops for step in ("forward", "backward"))
+
+
+def unavailable_reason(backend: str, device: torch.device | str,
+                       op: str | None = None) -> str | None:
+    """Why ``backend`` cannot run ``op`` (None: every op) on ``device``'s tensors (None when it
+    can)."""
     device = torch.device(device)
     if backend == "reference":
         return None
@@ -59,7 +67,7 @@ def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
             return f"the cuda backend runs CUDA tensors only, not {device.type}"
         if EXTENSION_ERROR is not None:
             return EXTENSION_ERROR
-        if not _cuda_kernels_built():
+        if not _cuda_kernels_built(op):
             return ("pyvae._C was built without CUDA kernels (a CPU-only torch, no CUDA_HOME, or "
                     "PYVAE_NO_CUDA=1); rebuild with a CUDA torch")
         return None
@@ -108,9 +116,9 @@ def resolve(op: str, device: torch.device) -> str:
     name = requested_backend()
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("reference",))
-        name = next(b for b in order if unavailable_reason(b, device) is None)
+        name = next(b for b in order if unavailable_reason(b, device, op) is None)
     else:
-        reason = unavailable_reason(name, device)
+        reason = unavailable_reason(name, device, op)
         if reason is not None:
             raise RuntimeError(
                 f"pyvae.ops.{op}: backend {name!r} cannot run tensors on {device}: {reason}. "
@@ -123,7 +131,3 @@ def last_backend(op: str) -> str | None:
     """The backend that ran the latest call of ``op`` (e.g. ``"reparameterize_kl"``)."""
     return _last_backend.get(op)
 
-
-def triton_kernels(module: str):
-    """The Triton kernel module ``pyvae.kernels.<module>`` (imported on first use)."""
-    return importlib.import_module(f"pyvae.kernels.{module}")

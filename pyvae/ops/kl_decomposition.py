@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from pyvae.ops import _backend, _checks
+from pyvae.ops import _backend, _checks, _register
 
 OP = "kl_decomposition"
 ESTIMATORS = ("mws", "mss")
@@ -127,7 +127,7 @@ def kl_decomposition_reference(z: torch.Tensor, mu: torch.Tensor, logvar: torch.
     return _terms(log_qz, log_prod_qz, z, mu, logvar)
 
 
-# ---- the kernel ops: fake kernels and autograd, shared by the C++ and the Triton ops ----------
+# ---- the kernel ops (pyvae::kl_decomposition_forward / _backward and their Triton twins) ------
 
 def _fake_forward(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other):
     acc = acc_dtype(z.dtype)
@@ -147,29 +147,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(z, mu, logvar, log_qz, lse_marginal)
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
-    def backward(ctx, grad_log_qz, grad_lse_marginal):
-        z, mu, logvar, log_qz, lse_marginal = ctx.saved_tensors
-        grad_z, grad_mu, grad_logvar = backward_op(
-            None if grad_log_qz is None else grad_log_qz.contiguous(),
-            None if grad_lse_marginal is None else grad_lse_marginal.contiguous(),
-            z, mu, logvar, log_qz, lse_marginal, *ctx.log_weights)
-        return grad_z, grad_mu, grad_logvar, None, None, None
-
-    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+def _backward(ctx, backward_op, grad_log_qz, grad_lse_marginal):
+    z, mu, logvar, log_qz, lse_marginal = ctx.saved_tensors
+    grad_z, grad_mu, grad_logvar = backward_op(
+        None if grad_log_qz is None else grad_log_qz.contiguous(),
+        None if grad_lse_marginal is None else grad_lse_marginal.contiguous(),
+        z, mu, logvar, log_qz, lse_marginal, *ctx.log_weights)
+    return grad_z, grad_mu, grad_logvar, None, None, None
 
 
-# C++ (cpu, cuda): defined and implemented in pyvae._C.
-if _backend.EXTENSION_ERROR is None:
-    torch.library.register_fake("pyvae::kl_decomposition_forward")(_fake_forward)
-    torch.library.register_fake("pyvae::kl_decomposition_backward")(_fake_backward)
-    _register_autograd("pyvae::kl_decomposition_forward",
-                       torch.ops.pyvae.kl_decomposition_backward.default)
-
-
-def _check_kernel_args(z, mu, logvar) -> None:
+def _check_kernel_args(z, mu, logvar, *log_weights) -> None:
     """The checks of check_kl_decomposition_args (csrc/ops/kl_decomposition.cpp), for the
-    Triton custom ops: RuntimeErrors naming the argument before a kernel reads any pointer."""
+    Triton custom ops: RuntimeErrors naming the argument before a kernel reads any pointer.
+    The pair log-weights are any floats."""
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise RuntimeError(f"{OP}: z must be 2-D (batch, dim), got "
                            f"{getattr(z, 'shape', type(z).__name__)}")
@@ -185,7 +175,7 @@ def _check_kernel_args(z, mu, logvar) -> None:
 
 
 def _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
-                                lse_marginal) -> None:
+                                lse_marginal, *log_weights) -> None:
     """The forward's kernel checks plus the saved outputs and their incoming gradients: (B,)
     and (B, D), contiguous, in the accumulation dtype of z."""
     _check_kernel_args(z, mu, logvar)
@@ -201,40 +191,23 @@ def _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, l
                               "like lse_marginal")
 
 
-# Triton: custom ops around the launchers in pyvae.kernels.kl_decomposition.
-@torch.library.custom_op("pyvae::kl_decomposition_forward_triton", mutates_args=())
-def _triton_forward(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                    log_weight_self: float, log_weight_next: float, log_weight_other: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_kernel_args(z, mu, logvar)
-    kernels = _backend.triton_kernels("kl_decomposition")
-    return kernels.kl_decomposition_forward(z, mu, logvar, log_weight_self, log_weight_next,
-                                            log_weight_other)
+def _triton_launchers():
+    from pyvae.kernels import kl_decomposition
+    return kl_decomposition
 
 
-@torch.library.custom_op("pyvae::kl_decomposition_backward_triton", mutates_args=())
-def _triton_backward(grad_log_qz: torch.Tensor | None, grad_lse_marginal: torch.Tensor | None,
-                     z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                     log_qz: torch.Tensor, lse_marginal: torch.Tensor, log_weight_self: float,
-                     log_weight_next: float, log_weight_other: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
-                                lse_marginal)
-    kernels = _backend.triton_kernels("kl_decomposition")
-    return kernels.kl_decomposition_backward(grad_log_qz, grad_lse_marginal, z, mu, logvar,
-                                             log_qz, lse_marginal, log_weight_self,
-                                             log_weight_next, log_weight_other)
-
-
-_triton_forward.register_fake(_fake_forward)
-_triton_backward.register_fake(_fake_backward)
-_register_autograd("pyvae::kl_decomposition_forward_triton", _triton_backward)
-
-
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return _triton_forward
-    return torch.ops.pyvae.kl_decomposition_forward.default
+KERNEL_OP = _register.define_kernel_op(
+    OP,
+    forward_schema="(Tensor z, Tensor mu, Tensor logvar, float log_weight_self, "
+                   "float log_weight_next, float log_weight_other) -> (Tensor log_qz, "
+                   "Tensor lse_marginal)",
+    backward_schema="(Tensor? grad_log_qz, Tensor? grad_lse_marginal, Tensor z, Tensor mu, "
+                    "Tensor logvar, Tensor log_qz, Tensor lse_marginal, float log_weight_self, "
+                    "float log_weight_next, float log_weight_other) -> (Tensor grad_z, "
+                    "Tensor grad_mu, Tensor grad_logvar)",
+    triton_launchers=_triton_launchers, check_forward=_check_kernel_args,
+    check_backward=_check_kernel_backward_args, fake_forward=_fake_forward,
+    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
 
 
 # ---- the public op ------------------------------------------------------------------------------
@@ -277,6 +250,6 @@ def kl_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, da
     if backend == "reference":
         return kl_decomposition_reference(z, mu, logvar, dataset_size, estimator=estimator)
     log_weights = pair_log_weights(estimator, batch, int(dataset_size))
-    log_qz, lse_marginal = _kernel_op(backend)(z.contiguous(), mu.contiguous(),
+    log_qz, lse_marginal = KERNEL_OP.forward(backend)(z.contiguous(), mu.contiguous(),
                                                logvar.contiguous(), *log_weights)
     return _terms(log_qz, lse_marginal.sum(-1), z, mu, logvar)

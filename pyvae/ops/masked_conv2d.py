@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pyvae._validate import check_int
-from pyvae.ops import _backend, _checks
+from pyvae.ops import _backend, _checks, _register
 
 OP = "masked_conv2d"
 MASK_TYPES = ("A", "B")
@@ -101,7 +101,7 @@ def masked_conv2d_reference(x: torch.Tensor, weight: torch.Tensor,
     return F.conv2d(x, kernel, bias, padding=dilation * (k // 2), dilation=dilation)
 
 
-# ---- the kernel ops: fake kernels and autograd, shared by the C++ and the Triton ops ----------
+# ---- the kernel ops (pyvae::masked_conv2d_forward / _backward and their Triton twins) ---------
 
 def _fake_forward(x, weight, bias, mask_type, color_channels, dilation):
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
@@ -120,25 +120,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight)
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                 ctx.has_bias and ctx.needs_input_grad[2])
-        grad_x, grad_weight, grad_bias = backward_op(grad_y.contiguous(), x, weight,
-                                                     *ctx.conv_args, list(needs))
-        return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
-                grad_bias if needs[2] else None, None, None, None)
-
-    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
-
-
-# C++ (cpu, cuda): defined and implemented in pyvae._C.
-if _backend.EXTENSION_ERROR is None:
-    torch.library.register_fake("pyvae::masked_conv2d_forward")(_fake_forward)
-    torch.library.register_fake("pyvae::masked_conv2d_backward")(_fake_backward)
-    _register_autograd("pyvae::masked_conv2d_forward",
-                       torch.ops.pyvae.masked_conv2d_backward.default)
+def _backward(ctx, backward_op, grad_y):
+    x, weight = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             ctx.has_bias and ctx.needs_input_grad[2])
+    grad_x, grad_weight, grad_bias = backward_op(grad_y.contiguous(), x, weight, *ctx.conv_args,
+                                                 list(needs))
+    return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
+            grad_bias if needs[2] else None, None, None, None)
 
 
 def _check_kernel_args(x, weight, bias, mask_type, color_channels, dilation) -> None:
@@ -176,7 +165,8 @@ def _check_kernel_args(x, weight, bias, mask_type, color_channels, dilation) -> 
                            f"{INT32_MAX}, got {dilation}")
 
 
-def _check_kernel_backward_args(grad_y, x, weight, mask_type, color_channels, dilation) -> None:
+def _check_kernel_backward_args(grad_y, x, weight, mask_type, color_channels, dilation,
+                                output_mask) -> None:
     """The forward's kernel checks (without bias) plus grad_y: (N, C_out, H, W) like y."""
     _check_kernel_args(x, weight, None, mask_type, color_channels, dilation)
     _checks.kernel_tensor(OP, "grad_y", grad_y,
@@ -184,36 +174,21 @@ def _check_kernel_backward_args(grad_y, x, weight, mask_type, color_channels, di
                           x.device, "like y = (N, C_out, H, W)")
 
 
-# Triton: custom ops around the launchers in pyvae.kernels.masked_conv2d.
-@torch.library.custom_op("pyvae::masked_conv2d_forward_triton", mutates_args=())
-def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    mask_type: int, color_channels: int, dilation: int) -> torch.Tensor:
-    _check_kernel_args(x, weight, bias, mask_type, color_channels, dilation)
-    kernels = _backend.triton_kernels("masked_conv2d")
-    return kernels.masked_conv2d_forward(x, weight, bias, MASK_TYPES[mask_type], color_channels,
-                                         dilation)
+def _triton_launchers():
+    from pyvae.kernels import masked_conv2d
+    return masked_conv2d
 
 
-@torch.library.custom_op("pyvae::masked_conv2d_backward_triton", mutates_args=())
-def _triton_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     mask_type: int, color_channels: int, dilation: int, output_mask: list[bool]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_kernel_backward_args(grad_y, x, weight, mask_type, color_channels, dilation)
-    kernels = _backend.triton_kernels("masked_conv2d")
-    grads = kernels.masked_conv2d_backward(grad_y, x, weight, MASK_TYPES[mask_type],
-                                           color_channels, dilation, tuple(output_mask))
-    return tuple(x.new_empty((0,)) if g is None else g for g in grads)  # distinct: no aliasing
-
-
-_triton_forward.register_fake(_fake_forward)
-_triton_backward.register_fake(_fake_backward)
-_register_autograd("pyvae::masked_conv2d_forward_triton", _triton_backward)
-
-
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return _triton_forward
-    return torch.ops.pyvae.masked_conv2d_forward.default
+KERNEL_OP = _register.define_kernel_op(
+    OP,
+    forward_schema="(Tensor x, Tensor weight, Tensor? bias, int mask_type, int color_channels, "
+                   "int dilation) -> Tensor",
+    backward_schema="(Tensor grad_y, Tensor x, Tensor weight, int mask_type, "
+                    "int color_channels, int dilation, bool[3] output_mask) -> (Tensor grad_x, "
+                    "Tensor grad_weight, Tensor grad_bias)",
+    triton_launchers=_triton_launchers, check_forward=_check_kernel_args,
+    check_backward=_check_kernel_backward_args, fake_forward=_fake_forward,
+    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
 
 
 # ---- the public op ------------------------------------------------------------------------------
@@ -285,6 +260,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if backend == "reference":
         return masked_conv2d_reference(x, weight, bias, mask_type=mask_type,
                                        color_channels=color_channels, dilation=dilation)
-    return _kernel_op(backend)(x.contiguous(), weight.contiguous(),
-                               None if bias is None else bias.contiguous(),
-                               _mask_type_index(mask_type), int(color_channels), int(dilation))
+    return KERNEL_OP.forward(backend)(x.contiguous(), weight.contiguous(),
+                                      None if bias is None else bias.contiguous(),
+                                      _mask_type_index(mask_type), int(color_channels),
+                                      int(dilation))

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from pyvae.ops import _backend, _checks
+from pyvae.ops import _backend, _checks, _register
 from pyvae.ops._noise import philox_normal
 
 OP = "reparameterize_kl"
@@ -43,7 +43,7 @@ def reparameterize_kl_reference(mu, logvar, eps=None, *, prior_mu=None, prior_lo
     return z, kl
 
 
-# ---- the kernel ops: fake kernels and autograd, shared by the C++ and the Triton ops ----------
+# ---- the kernel ops (pyvae::reparameterize_kl_forward / _backward and their Triton twins) --------
 
 def _fake_forward(mu, logvar, eps, seed, prior_mu, prior_logvar):
     return torch.empty_like(mu), mu.new_empty(mu.shape[:1], dtype=kl_dtype(mu.dtype))
@@ -60,29 +60,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(mu, logvar, eps, seed, prior_mu, prior_logvar)
 
 
-def _register_autograd(forward_name: str, backward_op) -> None:
-    def backward(ctx, grad_z, grad_kl):
-        mu, logvar, eps, seed, prior_mu, prior_logvar = ctx.saved_tensors
-        grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = backward_op(
-            None if grad_z is None else grad_z.contiguous(),
-            None if grad_kl is None else grad_kl.contiguous(),
-            mu, logvar, eps, seed, prior_mu, prior_logvar)
-        grad_eps = None
-        if eps is not None and ctx.needs_input_grad[2] and grad_z is not None:
-            grad_eps = grad_z * torch.exp(0.5 * logvar)  # rare: a caller differentiating its eps
-        if prior_mu is None:
-            grad_prior_mu = grad_prior_logvar = None
-        return grad_mu, grad_logvar, grad_eps, None, grad_prior_mu, grad_prior_logvar
-
-    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
-
-
-# C++ (cpu, cuda): defined and implemented in pyvae._C.
-if _backend.EXTENSION_ERROR is None:
-    torch.library.register_fake("pyvae::reparameterize_kl_forward")(_fake_forward)
-    torch.library.register_fake("pyvae::reparameterize_kl_backward")(_fake_backward)
-    _register_autograd("pyvae::reparameterize_kl_forward",
-                       torch.ops.pyvae.reparameterize_kl_backward.default)
+def _backward(ctx, backward_op, grad_z, grad_kl):
+    mu, logvar, eps, seed, prior_mu, prior_logvar = ctx.saved_tensors
+    grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar = backward_op(
+        None if grad_z is None else grad_z.contiguous(),
+        None if grad_kl is None else grad_kl.contiguous(),
+        mu, logvar, eps, seed, prior_mu, prior_logvar)
+    grad_eps = None
+    if eps is not None and ctx.needs_input_grad[2] and grad_z is not None:
+        grad_eps = grad_z * torch.exp(0.5 * logvar)  # rare: a caller differentiating its eps
+    if prior_mu is None:
+        grad_prior_mu = grad_prior_logvar = None
+    return grad_mu, grad_logvar, grad_eps, None, grad_prior_mu, grad_prior_logvar
 
 
 def _check_kernel_args(mu, logvar, eps, seed, prior_mu, prior_logvar) -> None:
@@ -119,38 +108,21 @@ def _check_kernel_backward_args(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu
                               mu.device, "like kl")
 
 
-# Triton: custom ops around the launchers in pyvae.kernels.reparameterize_kl.
-@torch.library.custom_op("pyvae::reparameterize_kl_forward_triton", mutates_args=())
-def _triton_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
-                    seed: torch.Tensor | None, prior_mu: torch.Tensor | None,
-                    prior_logvar: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_kernel_args(mu, logvar, eps, seed, prior_mu, prior_logvar)
-    kernels = _backend.triton_kernels("reparameterize_kl")
-    return kernels.reparameterize_kl_forward(mu, logvar, eps, seed, prior_mu, prior_logvar)
+def _triton_launchers():
+    from pyvae.kernels import reparameterize_kl
+    return reparameterize_kl
 
 
-@torch.library.custom_op("pyvae::reparameterize_kl_backward_triton", mutates_args=())
-def _triton_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None,
-                     mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
-                     seed: torch.Tensor | None, prior_mu: torch.Tensor | None,
-                     prior_logvar: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_kernel_backward_args(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu, prior_logvar)
-    kernels = _backend.triton_kernels("reparameterize_kl")
-    grads = kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
-                                               prior_logvar)
-    return tuple(mu.new_empty((0,)) if g is None else g for g in grads)  # distinct: no aliasing
-
-
-_triton_forward.register_fake(_fake_forward)
-_triton_backward.register_fake(_fake_backward)
-_register_autograd("pyvae::reparameterize_kl_forward_triton", _triton_backward)
-
-
-def _kernel_op(backend: str):
-    if backend == "triton":
-        return _triton_forward
-    return torch.ops.pyvae.reparameterize_kl_forward.default
+KERNEL_OP = _register.define_kernel_op(
+    OP,
+    forward_schema="(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed, Tensor? prior_mu, "
+                   "Tensor? prior_logvar) -> (Tensor z, Tensor kl)",
+    backward_schema="(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? eps, "
+                    "Tensor? seed, Tensor? prior_mu, Tensor? prior_logvar) -> (Tensor grad_mu, "
+                    "Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar)",
+    triton_launchers=_triton_launchers, check_forward=_check_kernel_args,
+    check_backward=_check_kernel_backward_args, fake_forward=_fake_forward,
+    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
 
 
 # ---- the public op ------------------------------------------------------------------------------
@@ -227,6 +199,6 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
     def as_rows(t):
         return None if t is None else t.reshape(rows, cols).contiguous()
 
-    z, kl = _kernel_op(backend)(as_rows(mu), as_rows(logvar), as_rows(eps), seed,
+    z, kl = KERNEL_OP.forward(backend)(as_rows(mu), as_rows(logvar), as_rows(eps), seed,
                                 as_rows(prior_mu), as_rows(prior_logvar))
     return z.reshape(mu.shape), kl.reshape(mu.shape[:-1])
