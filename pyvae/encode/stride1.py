@@ -7,19 +7,31 @@ and each strided layer's stride becomes dilation of every later layer ("à trous
 output stays at stride 1. :func:`fully_convolutional` does that conversion;
 :func:`encode_patches` runs it (in tiles for big images) and equals cutting out every patch and
 encoding it alone (``method="unfold"``, the slow path and the benchmarks' baseline).
+:func:`count_flops` and :func:`encode_flops` count the work of both ways, exactly, from the
+layer shapes.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyvae._validate import check_int
+
 # Layers that act on each position (and channel) alone: they commute with the conversion.
 POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
              nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish,
              nn.Identity, nn.Dropout, nn.Dropout2d)
+# Pointwise layers that the converted network runs in place when they follow a layer that made a
+# new feature map and whose backward does not read that map (convolution, max pooling, batch
+# norm): no feature-map-sized allocation and write per layer (9|3 on 8 64×64 images, 2-core CPU:
+# 29.5 -> 24 ms), and autograd through the network still works.
+IN_PLACE = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh
+MAKES_NEW_MAP = (nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -65,6 +77,8 @@ def fully_convolutional(encoder: nn.Module, patch_size: int) -> nn.Sequential:
         An ``nn.Sequential`` in eval mode mapping (N, C, H, W) to (N, out_features, H', W')
         with H' >= H − p + 1; position (y, x) is the encoder's output for the patch whose top-left
         corner is (y, x) (crop to H − p + 1 × W − p + 1; positions beyond read past the image).
+        ReLU / Hardtanh layers right after a convolution, max pooling or batch norm run in place
+        on that layer's output (never on the network's input).
 
     Raises:
         ValueError naming the first layer that cannot be converted (padded or dilated-pooling
@@ -139,7 +153,10 @@ def fully_convolutional(encoder: nn.Module, patch_size: int) -> nn.Sequential:
             layers.append(conv)
             channels, size, linear = module.out_features, (1, 1), True
         elif isinstance(module, POINTWISE):
-            layers.append(copy.deepcopy(module))
+            layer = copy.deepcopy(module)
+            if isinstance(layer, IN_PLACE) and layers and isinstance(layers[-1], MAKES_NEW_MAP):
+                layer.inplace = True  # never the caller's tensor: a map this network made
+            layers.append(layer)
         else:
             state = "after Flatten" if flattened else "before Flatten"
             raise ValueError(f"fully_convolutional: cannot convert {where} {state}: supported "
@@ -149,6 +166,127 @@ def fully_convolutional(encoder: nn.Module, patch_size: int) -> nn.Sequential:
         raise ValueError("fully_convolutional: the encoder must end in Flatten and Linear "
                          "(the layer that sees the whole patch)")
     return nn.Sequential(*layers).eval()
+
+
+# Leaf layers count_flops knows: counted (multiply-adds) and not counted (no multiply-adds).
+_COUNTED = (nn.Conv2d, nn.Linear, nn.AvgPool2d)
+_UNCOUNTED = POINTWISE + (nn.BatchNorm2d, nn.MaxPool2d, nn.Flatten)
+
+
+def count_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass of ``module`` on an input of shape ``input_shape``, exact from
+    the layer shapes.
+
+    FLOPs = 2 × multiply-adds: a ``Conv2d`` makes out_channels × H_out × W_out outputs per image
+    of (in_channels / groups) × kh × kw multiply-adds each, a ``Linear`` out_features outputs of
+    in_features each, an ``AvgPool2d`` counts as the depthwise convolution it is (kh × kw per
+    output, as in :func:`fully_convolutional`). Biases, activations, batch norm and max pooling
+    are not counted. The shapes are propagated on the meta device: nothing is computed and the
+    module (its mode included) is left as it was.
+
+    Args:
+        module: built from the layers :func:`fully_convolutional` accepts (nested
+            ``nn.Sequential`` / container modules are walked; their leaf layers are counted).
+        input_shape: the input's shape with the batch dimension, e.g. (1, C, p, p) for one
+            patch or (N, C, H, W) for N images.
+
+    Returns:
+        The FLOPs of the whole batch, an int.
+
+    Raises:
+        ValueError naming a leaf layer it cannot count (anything but the layers above).
+    """
+    shape = tuple(int(v) for v in input_shape)
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError(f"count_flops: input_shape must be positive sizes, got {input_shape!r}")
+    for name, layer in module.named_modules():
+        leaf = not isinstance(layer, nn.Sequential) and not any(True for _ in layer.children())
+        if leaf and not isinstance(layer, _COUNTED + _UNCOUNTED):
+            raise ValueError(f"count_flops: cannot count layer {name!r} "
+                             f"({type(layer).__name__}); counted are Conv2d, Linear and "
+                             "AvgPool2d, besides pointwise layers, BatchNorm2d, MaxPool2d and "
+                             "Flatten")
+    total = 0
+
+    def count(layer: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            total += 2 * output.numel() * (layer.in_channels // layer.groups) * kh * kw
+        elif isinstance(layer, nn.Linear):
+            total += 2 * output.numel() * layer.in_features
+        else:
+            kh, kw = _pair(layer.kernel_size)
+            total += 2 * output.numel() * kh * kw
+
+    hooks = [m.register_forward_hook(count) for m in module.modules()
+             if isinstance(m, _COUNTED)]
+    state = {name: torch.empty_like(t, device="meta") for name, t in
+             [*module.named_parameters(), *module.named_buffers()]}
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()  # batch norm on a one-patch batch: its eval form (the shapes are the same)
+        with torch.no_grad():
+            torch.func.functional_call(module, state, (torch.empty(shape, device="meta"),))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes:
+            m.training = training
+    return total
+
+
+@dataclass(frozen=True)
+class EncodeFlops:
+    """The work of encoding every p×p patch of one C×H×W image, in FLOPs (see
+    :func:`count_flops`).
+
+    Attributes:
+        per_patch: one patch through the patch encoder.
+        patches: (H − p + 1) · (W − p + 1), the patches at stride 1.
+        stride1: the fully-convolutional network over the whole image (untiled; for strided
+            encoders it includes the positions past H − p + 1 that its output is cropped from).
+    """
+
+    per_patch: int
+    patches: int
+    stride1: int
+
+    @property
+    def per_patch_total(self) -> int:
+        """per_patch · patches: encoding every patch alone."""
+        return self.per_patch * self.patches
+
+    @property
+    def ratio(self) -> float:
+        """per_patch_total / stride1: the speed-up the FLOPs allow at equal FLOP/s."""
+        return self.per_patch_total / self.stride1
+
+
+def encode_flops(model, height: int, width: int, *, network: nn.Module | None = None
+                 ) -> EncodeFlops:
+    """FLOPs of per-patch against stride-1 encoding of one image of ``height`` × ``width``.
+
+    Args:
+        model: a patch model (``.encoder``, ``.patch_size``, ``.latent_dim``, ``.channels``).
+        height, width: the image's size in pixels, >= the patch size.
+        network: its :func:`fully_convolutional` network (built if not given).
+
+    Returns:
+        :class:`EncodeFlops` (``.ratio`` is per-patch FLOPs × patches over the stride-1 FLOPs).
+    """
+    _check_model(model)
+    if not isinstance(getattr(model, "channels", None), int):
+        raise TypeError(f"encode_flops: model must have an int .channels (the image channels); "
+                        f"{type(model).__name__} has {getattr(model, 'channels', None)!r}")
+    p, c = model.patch_size, model.channels
+    check_int("encode_flops", "height", height, p)
+    check_int("encode_flops", "width", width, p)
+    if network is None:
+        network = fully_convolutional(model.encoder, p)
+    return EncodeFlops(per_patch=count_flops(model.encoder, (1, c, p, p)),
+                       patches=(height - p + 1) * (width - p + 1),
+                       stride1=count_flops(network, (1, c, height, width)))
 
 
 def _check_model(model) -> None:
