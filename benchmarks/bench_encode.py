@@ -2,15 +2,18 @@
 network) against encoding every patch alone, same run: "eager" cuts every p×p patch out
 (unfold) and runs the patch encoder on it, "compile" does the same with the encoder under
 torch.compile, "stride1" is pyvae's exact fully-convolutional encoder. ``items`` = images, so
-the report shows images per second (compute only: the images are already on the device)."""
+the report shows images per second (compute only: the images are already on the device).
+``flops`` is the work each way does (:func:`pyvae.encode.encode_flops`: per-patch FLOPs × patches
+for eager and compile, the fully-convolutional network's FLOPs for stride1), so TFLOP/s and
+% FMA peak are each implementation's achieved rate; ``flop_ratio`` (the same for the three) is
+the speed-up stride1 would have at equal FLOP/s."""
 import copy
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import timed
-from pyvae.encode import encode_patches, fully_convolutional
+from pyvae.encode import encode_flops, encode_patches, fully_convolutional
 from pyvae.models import PatchVAE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,18 +26,6 @@ else:
     DTYPES = [torch.float32]
 IMPLS = ["eager", "compile", "stride1"]
 QUICK = {(9, 3, 16, 3, 8, 64)}
-
-
-def network_flops(network: nn.Sequential, height: int, width: int) -> int:
-    """2 × multiply-adds of the convolutions of the stride-1 network over one image."""
-    flops = 0
-    for module in network:
-        if isinstance(module, nn.Conv2d):
-            (kh, kw), (dh, dw) = module.kernel_size, module.dilation
-            height, width = height - dh * (kh - 1), width - dw * (kw - 1)
-            flops += 2 * height * width * module.out_channels * kh * kw * (
-                module.in_channels // module.groups)
-    return flops
 
 
 def cases():
@@ -55,6 +46,7 @@ def test_encode_patches(benchmark, case, dtype, impl):
     images = torch.rand(n, c, size, size, device=DEVICE)
     autocast = None if dtype == torch.float32 else dtype
     network = fully_convolutional(model.encoder, p)
+    flops = encode_flops(model, size, size, network=network)
     if impl == "stride1":
         def step():
             encode_patches(model, images, dtype=autocast, network=network)
@@ -70,4 +62,5 @@ def test_encode_patches(benchmark, case, dtype, impl):
     timed(benchmark, step, device=DEVICE, rounds=3 if DEVICE == "cpu" else 10,
           warmup=2 if impl == "compile" else 1, op="encode_patches", impl=impl,
           shape=f"{p}|{i} D{d} {n}x{c}x{size}x{size}", dtype=str(dtype)[6:],
-          mode="forward", items=n, flops=n * network_flops(network, size, size))
+          mode="forward", items=n, flop_ratio=flops.ratio,
+          flops=n * (flops.stride1 if impl == "stride1" else flops.per_patch_total))

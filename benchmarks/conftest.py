@@ -12,6 +12,8 @@ import platform
 
 import torch
 
+from cpu_peak import fma_peak
+
 if not torch.cuda.is_available():  # triton is benchmarked on GPUs only
     os.environ.pop("TRITON_INTERPRET", None)
 
@@ -50,6 +52,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         device=device, device_name=device_name(device), versions=versions,
         cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         copy_bandwidth_gbs=copy_bandwidth_gbs(device))
+    if device == "cpu":  # the float32 FMA peak estimate and its formula
+        peak = fma_peak(torch.get_num_threads())
+        machine_info["pyvae"].update(fma_peak_gflops=peak and peak["gflops"],
+                                     fma_peak_formula=peak and peak["formula"])
 
 
 def synchronize(device):

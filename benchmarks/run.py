@@ -71,19 +71,23 @@ def summarise(raw: dict) -> dict:
                 case[f"x_{baseline}"] = same[baseline] / case["median_ms"]
         if case.get("gbs"):
             case["pct_copy_bw"] = 100 * case["gbs"] / info["copy_bandwidth_gbs"]
+        if case.get("tflops") and info.get("fma_peak_gflops"):
+            case["pct_fma_peak"] = 100 * case["tflops"] * 1e3 / info["fma_peak_gflops"]
     return dict(info, cases=cases)
 
 
 def table(result: dict, *, markdown: bool = False) -> str:
     head = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "G exp/s",
-            "TFLOP/s", "items/s", "peak MB", "× eager", "× compile"]
+            "TFLOP/s", "% FMA peak", "FLOP ratio", "items/s", "peak MB", "× eager",
+            "× compile"]
     rows = []
     for c in result["cases"]:
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         rows.append([c["op"], c["shape"], c["dtype"], c["mode"], c["impl"],
                      fmt(c["median_ms"], ".3f"), fmt(c.get("gbs"), ".1f"),
                      fmt(c.get("pct_copy_bw"), ".0f"), fmt(c.get("gexps"), ".2f"),
-                     fmt(c.get("tflops"), ".3f"), fmt(c.get("items_per_s"), ".0f"),
+                     fmt(c.get("tflops"), ".3f"), fmt(c.get("pct_fma_peak"), ".0f"),
+                     fmt(c.get("flop_ratio"), ".1f"), fmt(c.get("items_per_s"), ".0f"),
                      fmt(c.get("peak_mb"), ".1f"),
                      fmt(c.get("x_eager"), ".2f"), fmt(c.get("x_compile"), ".2f")])
     if markdown:
@@ -97,9 +101,12 @@ def table(result: dict, *, markdown: bool = False) -> str:
 
 def describe(result: dict) -> str:
     v = result["versions"]
-    return (f"{result['device_name']} ({result['device']}), torch {v['torch']}, "
+    text = (f"{result['device_name']} ({result['device']}), torch {v['torch']}, "
             f"triton {v['triton']}, {result['date'][:10]}; measured copy bandwidth "
             f"{result['copy_bandwidth_gbs']:.0f} GB/s")
+    if result.get("fma_peak_formula"):
+        text += f"; float32 FMA peak {result['fma_peak_formula']}"
+    return text
 
 
 def case_key(case: dict) -> tuple:
