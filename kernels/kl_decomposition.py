@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyvae.ops._checks import accumulation_dtype
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _HALF_LOG2E = tl.constexpr(0.7213475204444817)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -429,9 +431,6 @@ def _launch_config(n, n_dims, dtype):
     return block_d, owned, stream, num_warps, n_dims <= block_d
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _split_log2_weight(log_weight):
     """Natural-log weight -> (hi, lo) fp32 pair of its log2 value.
@@ -468,7 +467,7 @@ def kl_decomposition_forward(z, mu, logvar, log_weight_self, log_weight_next, lo
         Both float32, or float64 for float64 inputs.
     """
     n, n_dims = z.shape
-    out_dtype = _compute_dtype(z.dtype)
+    out_dtype = accumulation_dtype(z.dtype)
     log_qz = torch.empty(n, dtype=out_dtype, device=z.device)
     lse_marginal = torch.empty(n, n_dims, dtype=out_dtype, device=z.device)
     if n == 0:

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyvae.ops._checks import accumulation_dtype
+
 
 # grad_weight has few output tiles (C_in x C_out per tap) and a long reduction over the pixels:
 # split the pixels so that about this many programs run, with at least _MIN_SPLIT_BLOCKS pixel
@@ -292,9 +294,6 @@ def _dot_args(tensor):
     return dict(DOT_PRECISION=precision, DOT_UPCAST=upcast)
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _gemm_config(dtype, red_channels, out_channels):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward / grad_x implicit GEMM.
@@ -401,7 +400,7 @@ def _grad_weight(grad_y, x, kernel_size, table, mask_type, color_channels):
     out_channels = grad_y.shape[1]
     n_pixels = n * height * width
     kernel_taps = kernel_size * kernel_size
-    acc_dtype = _acc_dtype(x.dtype)
+    acc_dtype = accumulation_dtype(x.dtype)
     block_i, block_o, block_p, num_warps = _grad_weight_config(x.dtype, in_channels, out_channels)
     tiles = triton.cdiv(in_channels, block_i) * triton.cdiv(out_channels, block_o)
     pixel_blocks = triton.cdiv(n_pixels, block_p)
@@ -460,7 +459,7 @@ def masked_conv2d_backward(grad_y, x, weight, mask_type, color_channels, dilatio
     empty = grad_y.numel() == 0 or x.numel() == 0
     grad_x = grad_weight = grad_bias = None
     if need_bias:
-        grad_bias = grad_y.sum(dim=(0, 2, 3), dtype=_acc_dtype(x.dtype)).to(x.dtype)
+        grad_bias = grad_y.sum(dim=(0, 2, 3), dtype=accumulation_dtype(x.dtype)).to(x.dtype)
     if empty:
         grad_x = torch.zeros_like(x) if need_x else None
         grad_weight = torch.zeros_like(weight) if need_weight else None

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyvae.ops._checks import accumulation_dtype
+
 # Philox4x32 multipliers and Weyl key increments (Salmon et al. 2011, Random123).
 _PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
 _PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
@@ -270,9 +272,6 @@ def _launch_config(n_rows, n_cols, dtype):
     return block_rows, block_groups, num_warps
 
 
-def _kl_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def reparameterize_kl_forward(mu, logvar, eps, seed, prior_mu, prior_logvar):
     """Fused z = mu + exp(logvar / 2) * eps and per-row KL(N(mu, exp(logvar)) || prior).
@@ -291,8 +290,8 @@ def reparameterize_kl_forward(mu, logvar, eps, seed, prior_mu, prior_logvar):
     n_rows, n_cols = mu.shape
     z = torch.empty_like(mu)
     if n_rows == 0 or n_cols == 0:
-        return z, torch.zeros(n_rows, dtype=_kl_dtype(mu.dtype), device=mu.device)
-    kl = torch.empty(n_rows, dtype=_kl_dtype(mu.dtype), device=mu.device)
+        return z, torch.zeros(n_rows, dtype=accumulation_dtype(mu.dtype), device=mu.device)
+    kl = torch.empty(n_rows, dtype=accumulation_dtype(mu.dtype), device=mu.device)
 
     has_eps, has_prior = eps is not None, prior_mu is not None
     block_rows, block_groups, num_warps = _launch_config(n_rows, n_cols, mu.dtype)

@@ -1,11 +1,22 @@
-// Tensor checks shared by the schema-level argument checks of every op (ops/<op>.cpp), which the
-// CPU kernels and the CUDA adapter both call before touching a data pointer. The messages name
-// the op and the argument: "<op>: <name> has shape [1, 64] but expected [4000000, 64] (like z)".
-// pyvae/ops/_checks.py mirrors them for the Triton custom ops.
+// What every op's C++ code shares (pyvae/ops/_checks.py mirrors it for the Triton ops):
+// - the accumulation dtype rule;
+// - the tensor checks of the schema-level argument checks (ops/<op>.cpp), which the CPU kernels
+//   and the CUDA adapter both call before touching a data pointer. The messages name the op and
+//   the argument: "<op>: <name> has shape [1, 64] but expected [4000000, 64] (like z)".
 #pragma once
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
 namespace pyvae {
+
+// Every op accumulates (and returns its reductions) in float64 for float64 inputs, float32 for
+// float32 and the half types.
+inline at::ScalarType accumulation_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+template <typename scalar_t>
+using accumulation_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // The dtypes every kernel is instantiated for.
 inline void check_kernel_dtype(const char* op, const char* name, const at::Tensor& t) {

@@ -2,13 +2,12 @@
 // CUDA builds) the adapter from tensors to the plain-CUDA launchers in
 // ops/cuda/kl_decomposition.cu. The CPU kernels register themselves in
 // ops/cpu/kl_decomposition.cpp; autograd, fake kernels and the user-facing wrapper are in
-// pyvae/ops/kl_decomposition.py. The maths is documented in ops/cuda/kl_decomposition.h.
+// pyvae/ops/kl_decomposition.py. The maths is documented in ops/kl_decomposition.h.
 #include "ops/kl_decomposition.h"
 
 #include <torch/library.h>
 
-#include "ops/checks.h"
-#include "ops/reparameterize_kl.h"  // kl_dtype
+#include "ops/common.h"
 
 #ifdef PYVAE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -43,7 +42,7 @@ void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_
   check_kl_decomposition_args(z, mu, logvar);
   constexpr const char* op = "kl_decomposition";
   // The saved outputs and their incoming gradients: (B,) and (B, D) in the accumulation dtype.
-  const at::ScalarType acc = kl_dtype(z.scalar_type());
+  const at::ScalarType acc = accumulation_dtype(z.scalar_type());
   const int64_t rows[1] = {z.size(0)};
   check_tensor(op, "log_qz", log_qz, rows, acc, z.device(), "like the forward's log_qz");
   check_tensor(op, "lse_marginal", lse_marginal, z.sizes(), acc, z.device(),
@@ -76,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cuda(
     double log_weight_next, double log_weight_other) {
   check_kl_decomposition_args(z, mu, logvar);
   const c10::cuda::CUDAGuard guard(z.device());
-  const at::TensorOptions acc = z.options().dtype(kl_dtype(z.scalar_type()));
+  const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
   at::Tensor log_qz = at::empty({z.size(0)}, acc);
   at::Tensor lse_marginal = at::empty(z.sizes(), acc);
   cuda::KLDecompositionForward args{z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),

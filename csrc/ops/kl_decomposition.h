@@ -1,8 +1,25 @@
-// Shared by the CPU and CUDA implementations of pyvae::kl_decomposition_{forward,backward}.
+// Shared by the CPU and CUDA implementations of pyvae::kl_decomposition_{forward,backward}: the
+// maths and notation every backend uses, and the argument checks.
+//
+// For a batch of B samples with posteriors N(mu_j, exp(logvar_j)) (j < B, D dimensions) and
+// samples z_i, with ell_ijd = -0.5 * (log(2 pi) + logvar_jd + (z_id - mu_jd)^2 * exp(-logvar_jd))
+// and the pair log-weight lw_ij = log_weight_self (j == i), log_weight_next (j == (i+1) mod B)
+// or log_weight_other (otherwise), the forward computes without ever storing a B x B x D tensor:
+//   log_qz[i]          = logsumexp_j (lw_ij + sum_d ell_ijd)               (B,)
+//   lse_marginal[i, d] = logsumexp_j (lw_ij + ell_ijd)                     (B, D)
+// The backward, given grad_log_qz (B,) and grad_lse_marginal (B, D), recomputes the pair terms
+// from the saved logsumexps, with p_ij = exp(lw_ij + sum_d ell_ijd - log_qz[i]),
+// r_ijd = exp(lw_ij + ell_ijd - lse_marginal[i, d]), c_ijd = grad_log_qz[i] p_ij +
+// grad_lse_marginal[i, d] r_ijd, t = (z_id - mu_jd) * exp(-logvar_jd):
+//   grad_z[i, d]      = -sum_j c_ijd t
+//   grad_mu[j, d]     =  sum_i c_ijd t
+//   grad_logvar[j, d] =  sum_i c_ijd (0.5 (z_id - mu_jd) t - 0.5)
 #pragma once
 #include <ATen/ATen.h>
 
 #include <optional>
+
+#include "ops/common.h"
 
 namespace pyvae {
 
@@ -11,7 +28,7 @@ void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
                                  const at::Tensor& logvar);
 
 // The forward's checks plus those of the saved outputs (log_qz (B,), lse_marginal (B, D)) and
-// the optional incoming gradients of the same shapes, all contiguous in kl_dtype of z.
+// the optional incoming gradients of the same shapes, all contiguous in accumulation_dtype of z.
 void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_log_qz,
                                           const std::optional<at::Tensor>& grad_lse_marginal,
                                           const at::Tensor& z, const at::Tensor& mu,

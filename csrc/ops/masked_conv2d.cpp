@@ -1,8 +1,7 @@
 // Schema of the masked (PixelCNN) convolution op, its argument checks, and (in CUDA builds) the
 // adapter from tensors to the plain-CUDA launchers in ops/cuda/masked_conv2d.cu. The CPU kernels
 // register themselves in ops/cpu/masked_conv2d.cpp; autograd, fake kernels and the user-facing
-// wrapper are in pyvae/ops/masked_conv2d.py. The maths is documented in
-// ops/cuda/masked_conv2d.h.
+// wrapper are in pyvae/ops/masked_conv2d.py. The maths is in ops/masked_conv2d.h.
 #include "ops/masked_conv2d.h"
 
 #include <torch/library.h>
@@ -10,7 +9,7 @@
 #include <array>
 #include <limits>
 
-#include "ops/checks.h"
+#include "ops/common.h"
 
 #ifdef PYVAE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -119,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
   // grad_x is written in full by the kernels; the weight and bias gradients are reductions over
   // the batch that the kernels may add into with atomics, hence zeroed buffers in float32
   // (float64) that are rounded to the weight's dtype once at the end.
-  const at::TensorOptions acc = x.options().dtype(masked_conv2d_acc_dtype(x.scalar_type()));
+  const at::TensorOptions acc = x.options().dtype(accumulation_dtype(x.scalar_type()));
   at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor grad_weight = output_mask[1] ? at::zeros(weight.sizes(), acc) : at::Tensor();
   at::Tensor grad_bias = output_mask[2] ? at::zeros({weight.size(0)}, acc) : at::Tensor();

@@ -6,7 +6,7 @@
 
 #include <torch/library.h>
 
-#include "ops/checks.h"
+#include "ops/common.h"
 
 #ifdef PYVAE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -17,10 +17,6 @@
 #endif
 
 namespace pyvae {
-
-at::ScalarType kl_dtype(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_reparameterize_kl_args(const at::Tensor& mu, const at::Tensor& logvar,
                                   const std::optional<at::Tensor>& eps,
@@ -59,8 +55,8 @@ void check_reparameterize_kl_backward_args(const std::optional<at::Tensor>& grad
   // The incoming gradients of z (rows, cols) in mu's dtype and of kl (rows,) in kl's dtype.
   if (grad_z.has_value()) check_like(op, "grad_z", *grad_z, mu, "like z");
   if (grad_kl.has_value()) {
-    check_tensor(op, "grad_kl", *grad_kl, {mu.size(0)}, kl_dtype(mu.scalar_type()), mu.device(),
-                 "like kl");
+    check_tensor(op, "grad_kl", *grad_kl, {mu.size(0)}, accumulation_dtype(mu.scalar_type()),
+                 mu.device(), "like kl");
   }
 }
 
@@ -89,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward_cuda(
   check_reparameterize_kl_args(mu, logvar, eps, seed, prior_mu, prior_logvar);
   const c10::cuda::CUDAGuard guard(mu.device());
   at::Tensor z = at::empty_like(mu);
-  at::Tensor kl = at::empty({mu.size(0)}, mu.options().dtype(kl_dtype(mu.scalar_type())));
+  at::Tensor kl =
+      at::empty({mu.size(0)}, mu.options().dtype(accumulation_dtype(mu.scalar_type())));
   cuda::ReparameterizeKLForward args{mu.data_ptr(), logvar.data_ptr(), data_or_null(eps),
                                      seed_or_null(seed, eps), data_or_null(prior_mu),
                                      data_or_null(prior_logvar), z.data_ptr(), kl.data_ptr(),

@@ -4,6 +4,8 @@
 
 #include <optional>
 
+#include "ops/common.h"
+
 namespace pyvae {
 
 // Checks what every backend relies on: 2-D contiguous tensors of one kernel dtype and device,
@@ -15,7 +17,7 @@ void check_reparameterize_kl_args(const at::Tensor& mu, const at::Tensor& logvar
                                   const std::optional<at::Tensor>& prior_logvar);
 
 // The forward's checks plus the optional incoming gradients: grad_z (rows, cols) like mu, grad_kl
-// (rows,) contiguous in kl_dtype of mu on mu's device.
+// (rows,) contiguous in accumulation_dtype of mu on mu's device.
 void check_reparameterize_kl_backward_args(const std::optional<at::Tensor>& grad_z,
                                            const std::optional<at::Tensor>& grad_kl,
                                            const at::Tensor& mu, const at::Tensor& logvar,
@@ -23,8 +25,5 @@ void check_reparameterize_kl_backward_args(const std::optional<at::Tensor>& grad
                                            const std::optional<at::Tensor>& seed,
                                            const std::optional<at::Tensor>& prior_mu,
                                            const std::optional<at::Tensor>& prior_logvar);
-
-// float64 for float64 inputs, float32 otherwise: the dtype KL is accumulated and returned in.
-at::ScalarType kl_dtype(at::ScalarType input);
 
 }  // namespace pyvae

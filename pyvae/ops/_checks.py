@@ -1,4 +1,5 @@
-"""Input checks shared by pyvae's ops: errors that name the argument and say what was expected.
+"""Input checks shared by pyvae's ops (errors that name the argument and say what was expected),
+and their dtype rule (:func:`accumulation_dtype`, as ``accumulation_dtype`` in csrc/ops/common.h).
 
 NaN policy: by default NaN/inf inputs propagate to the outputs as they would through the eager
 PyTorch code (checking costs a device synchronisation). Inside ``with nan_policy("raise")``, or with
@@ -16,6 +17,12 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NAN_POLICIES = ("propagate", "raise")
 _policy: list[str] = []
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every op accumulates, and returns its reductions, in float64 for float64 inputs and in
+    float32 for float32, float16 and bfloat16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager

@@ -40,11 +40,6 @@ class KLTerms(NamedTuple):
     log_pz: torch.Tensor       # log p(z_i) under the standard normal prior
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The terms are accumulated and returned in float32 (float64 for float64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def pair_log_weights(estimator: str, batch: int, dataset_size: int) -> tuple[float, float, float]:
     """The log-weights (self, next, other) of the pairs (i, i), (i, (i+1) mod B) and the rest.
 
@@ -116,7 +111,7 @@ def kl_decomposition_reference(z: torch.Tensor, mu: torch.Tensor, logvar: torch.
     The ground truth of the tests and the eager baseline of the benchmarks; needs
     B²·D elements of memory. Same conventions as :func:`kl_decomposition`.
     """
-    acc = acc_dtype(z.dtype)
+    acc = _checks.accumulation_dtype(z.dtype)
     batch = z.shape[0]
     _check_sizes(batch, dataset_size)
     zc, m, lv = z.to(acc), mu.to(acc), logvar.to(acc)
@@ -130,7 +125,7 @@ def kl_decomposition_reference(z: torch.Tensor, mu: torch.Tensor, logvar: torch.
 # ---- the kernel ops (pyvae::kl_decomposition_forward / _backward and their Triton twins) ------
 
 def _fake_forward(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other):
-    acc = acc_dtype(z.dtype)
+    acc = _checks.accumulation_dtype(z.dtype)
     return z.new_empty(z.shape[:1], dtype=acc), z.new_empty(z.shape, dtype=acc)
 
 
@@ -179,7 +174,7 @@ def _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, l
     """The forward's kernel checks plus the saved outputs and their incoming gradients: (B,)
     and (B, D), contiguous, in the accumulation dtype of z."""
     _check_kernel_args(z, mu, logvar)
-    acc = acc_dtype(z.dtype)
+    acc = _checks.accumulation_dtype(z.dtype)
     rows = z.shape[:1]
     _checks.kernel_tensor(OP, "log_qz", log_qz, rows, acc, z.device, "like the forward's log_qz")
     _checks.kernel_tensor(OP, "lse_marginal", lse_marginal, z.shape, acc, z.device,

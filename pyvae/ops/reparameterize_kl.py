@@ -17,11 +17,6 @@ from pyvae.ops._noise import philox_normal
 OP = "reparameterize_kl"
 
 
-def kl_dtype(dtype: torch.dtype) -> torch.dtype:
-    """KL is accumulated and returned in float32 (float64 for float64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def reparameterize_kl_reference(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
                                 seed=None):
     """Eager PyTorch version of the op: the ground truth of the tests.
@@ -29,7 +24,7 @@ def reparameterize_kl_reference(mu, logvar, eps=None, *, prior_mu=None, prior_lo
     Same conventions as :func:`reparameterize_kl`; with ``eps=None`` the noise is the Philox
     noise of ``seed`` (a one-element int64 tensor), as in the kernels.
     """
-    acc = kl_dtype(mu.dtype)
+    acc = _checks.accumulation_dtype(mu.dtype)
     m, lv = mu.to(acc), logvar.to(acc)
     if eps is None:
         d = mu.shape[-1]
@@ -46,7 +41,7 @@ def reparameterize_kl_reference(mu, logvar, eps=None, *, prior_mu=None, prior_lo
 # ---- the kernel ops (pyvae::reparameterize_kl_forward / _backward and their Triton twins) --------
 
 def _fake_forward(mu, logvar, eps, seed, prior_mu, prior_logvar):
-    return torch.empty_like(mu), mu.new_empty(mu.shape[:1], dtype=kl_dtype(mu.dtype))
+    return torch.empty_like(mu), mu.new_empty(mu.shape[:1], dtype=_checks.accumulation_dtype(mu.dtype))
 
 
 def _fake_backward(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu, prior_logvar):
@@ -104,7 +99,7 @@ def _check_kernel_backward_args(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu
     if grad_z is not None:
         _checks.kernel_like(OP, "grad_z", grad_z, mu, "like z")
     if grad_kl is not None:
-        _checks.kernel_tensor(OP, "grad_kl", grad_kl, mu.shape[:1], kl_dtype(mu.dtype),
+        _checks.kernel_tensor(OP, "grad_kl", grad_kl, mu.shape[:1], _checks.accumulation_dtype(mu.dtype),
                               mu.device, "like kl")
 
 

@@ -1,5 +1,5 @@
 // CPU kernels of the streaming minibatch KL decomposition (β-TCVAE); the maths and notation
-// (ell_ijd, lw_ij, p_ij, r_ijd, c_ijd, t) are those of ops/cuda/kl_decomposition.h.
+// (ell_ijd, lw_ij, p_ij, r_ijd, c_ijd, t) are those of ops/kl_decomposition.h.
 //
 // Nothing of size B x B (let alone B x B x D) is ever stored. The posteriors are kept transposed
 // (D, B), so that every hot loop runs over the posteriors j, which are many, rather than over the
@@ -23,7 +23,6 @@
 
 #include "ops/cpu/vec_math.h"
 #include "ops/kl_decomposition.h"
-#include "ops/reparameterize_kl.h"  // kl_dtype
 
 namespace pyvae {
 namespace cpu {
@@ -322,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
     const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, double log_weight_self,
     double log_weight_next, double log_weight_other) {
   check_kl_decomposition_args(z, mu, logvar);
-  const at::TensorOptions acc = z.options().dtype(kl_dtype(z.scalar_type()));
+  const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
   at::Tensor log_qz = at::empty({z.size(0)}, acc);
   at::Tensor lse_marginal = at::empty(z.sizes(), acc);
   if (z.size(0) == 0) return {log_qz, lse_marginal};
@@ -388,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cpu(
     double log_weight_other) {
   check_kl_decomposition_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
                                        lse_marginal);
-  const at::ScalarType acc = kl_dtype(z.scalar_type());
+  const at::ScalarType acc = accumulation_dtype(z.scalar_type());
   if ((!grad_log_qz.has_value() && !grad_lse_marginal.has_value()) || z.size(0) == 0) {
     return {at::zeros_like(z), at::zeros_like(z), at::zeros_like(z)};
   }

@@ -1,5 +1,5 @@
 // CPU kernels of the masked (PixelCNN) convolution (mask and notation of
-// ops/cuda/masked_conv2d.h): pixel-major im2col restricted to the allowed taps that fall inside
+// ops/masked_conv2d.h): pixel-major im2col restricted to the allowed taps that fall inside
 // the image, then GEMMs (ops/cpu/gemm.h) over blocks of pixels of the whole batch.
 //
 // Columns. A column matrix has one row per output pixel holding, one after the other, the C
@@ -563,7 +563,7 @@ at::Tensor channels_last(const at::Tensor& t, at::ScalarType acc) {
   if (out.numel() == 0) return out;
   const Layout layout = channels_last_layout(P);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "channels_last", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = accumulation_t<scalar_t>;
     const scalar_t* src = t.const_data_ptr<scalar_t>();
     acc_t* dst = out.mutable_data_ptr<acc_t>();
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(C * P, 1));
@@ -587,7 +587,7 @@ at::Tensor masked_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
   const Geometry g(x, weight, mask_type, color_channels, dilation);
   at::Tensor y = at::empty({g.batch, g.out_channels, g.height, g.width}, x.options());
   if (y.numel() == 0) return y;
-  const at::ScalarType acc = masked_conv2d_acc_dtype(x.scalar_type());
+  const at::ScalarType acc = accumulation_dtype(x.scalar_type());
   const at::TensorOptions acc_options = x.options().dtype(acc);
   const int64_t K = g.columns_x(), Ci = g.in_channels, Co = g.out_channels, P = g.pixels();
   if (K == 0) {  // every tap masked or outside the image: y = bias
@@ -613,7 +613,7 @@ at::Tensor masked_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "masked_conv2d_forward_cpu", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = accumulation_t<scalar_t>;
         const scalar_t* x_data = x.const_data_ptr<scalar_t>();
         const acc_t* bias_data = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
         scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
@@ -672,7 +672,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   check_masked_conv2d_backward_args(grad_y, x, weight, mask_type, color_channels, dilation);
   const Geometry g(x, weight, mask_type, color_channels, dilation);
   const at::ScalarType dtype = x.scalar_type();
-  const at::ScalarType acc = masked_conv2d_acc_dtype(dtype);
+  const at::ScalarType acc = accumulation_dtype(dtype);
   const at::TensorOptions acc_options = x.options().dtype(acc);
   const int64_t K = g.columns_g(), Ci = g.in_channels, Co = g.out_channels, P = g.pixels();
   const bool work = x.numel() != 0 && K > 0;
@@ -705,7 +705,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     std::vector<at::Tensor> bias_partials(static_cast<size_t>(chunks));
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "masked_conv2d_backward_cpu", [&] {
-          using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          using acc_t = accumulation_t<scalar_t>;
           const scalar_t* x_data = x.const_data_ptr<scalar_t>();
           const scalar_t* gy_data = grad_y.const_data_ptr<scalar_t>();
           scalar_t* gx_data = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;

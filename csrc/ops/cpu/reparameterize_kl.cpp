@@ -189,14 +189,10 @@ PYVAE_VECTORIZE void backward_chunk_f32(const float* gz, float gk, const float* 
 
 // ---- per-dtype plumbing ------------------------------------------------------------------------
 
-// acc_t is the compute type: double for double, float for float, half and bfloat16.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // Chunk-sized scratch for inputs that are not already in the compute type.
 template <typename scalar_t>
 struct ChunkIn {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = accumulation_t<scalar_t>;
   acc_t buffer[kChunk];
   // Pointer to n values of src in acc_t: src itself when no conversion is needed.
   const acc_t* load(const scalar_t* src, int64_t n) {
@@ -212,7 +208,7 @@ struct ChunkIn {
 
 template <typename scalar_t>
 struct ChunkOut {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = accumulation_t<scalar_t>;
   acc_t buffer[kChunk];
   acc_t* target(scalar_t* dst) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) return dst;
@@ -274,7 +270,7 @@ void forward_impl(const at::Tensor& mu_t, const at::Tensor& lv_t,
                   const std::optional<at::Tensor>& eps_t, int64_t seed,
                   const std::optional<at::Tensor>& pm_t, const std::optional<at::Tensor>& plv_t,
                   at::Tensor& z_t, at::Tensor& kl_t) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = accumulation_t<scalar_t>;
   const int64_t rows = mu_t.size(0), cols = mu_t.size(1);
   const scalar_t* mu = mu_t.data_ptr<scalar_t>();
   const scalar_t* lv = lv_t.data_ptr<scalar_t>();
@@ -317,7 +313,7 @@ void backward_impl(const std::optional<at::Tensor>& gz_t, const std::optional<at
                    const std::optional<at::Tensor>& eps_t, int64_t seed,
                    const std::optional<at::Tensor>& pm_t, const std::optional<at::Tensor>& plv_t,
                    at::Tensor& gmu_t, at::Tensor& glv_t, at::Tensor& gpm_t, at::Tensor& gplv_t) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = accumulation_t<scalar_t>;
   const int64_t rows = mu_t.size(0), cols = mu_t.size(1);
   const scalar_t* gz = optional_ptr<scalar_t>(gz_t);
   const acc_t* gk = optional_ptr<acc_t>(gk_t);
@@ -372,7 +368,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward_cpu(
     const std::optional<at::Tensor>& prior_logvar) {
   check_reparameterize_kl_args(mu, logvar, eps, seed, prior_mu, prior_logvar);
   at::Tensor z = at::empty_like(mu);
-  at::Tensor kl = at::empty({mu.size(0)}, mu.options().dtype(kl_dtype(mu.scalar_type())));
+  at::Tensor kl =
+      at::empty({mu.size(0)}, mu.options().dtype(accumulation_dtype(mu.scalar_type())));
   const int64_t seed_value = read_seed(seed, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(),
                                   "reparameterize_kl_forward_cpu", [&] {

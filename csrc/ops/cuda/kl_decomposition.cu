@@ -1,5 +1,5 @@
 // CUDA kernels of the streaming minibatch log-density estimator behind the β-TCVAE KL
-// decomposition (the maths is in ops/cuda/kl_decomposition.h): log q(z_i) and log q(z_id) as
+// decomposition (the maths is in ops/kl_decomposition.h): log q(z_i) and log q(z_id) as
 // logsumexps over the batch of posteriors, and their gradients, without a B x B x D tensor.
 //
 // Work split: a row (a sample i in the forward and grad_z kernels, a posterior j in the

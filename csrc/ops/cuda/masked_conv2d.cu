@@ -1,5 +1,5 @@
 // CUDA kernels of the masked (PixelCNN) 2-D convolution and its backward; the op and the mask
-// are defined in ops/cuda/masked_conv2d.h.
+// are defined in ops/masked_conv2d.h.
 //
 // Every kernel is a direct implicit GEMM whose reduction runs only over the allowed (tap,
 // channel) pairs, so masked weights are never read and type A does about half the arithmetic

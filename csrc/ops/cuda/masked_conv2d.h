@@ -1,12 +1,5 @@
-// Launchers of the masked (PixelCNN) convolution CUDA kernels. Plain CUDA, no torch headers.
-//
-// y[n, o, h, w] = bias[o] + sum over allowed taps (r, s) and input channels i of
-//                 weight[o, i, r, s] * x[n, i, h + (r - c) * dilation, w + (s - c) * dilation]
-// with c = k / 2, zero padding outside the image (output H x W, stride 1). A tap (r, s) is
-// allowed when r < c, or r == c and s < c; the centre tap (c, c) is allowed for the channel pair
-// (o, i) when group(i) < group(o) (mask type A) or group(i) <= group(o) (type B), where
-// group(o) = o / (C_out / G) and group(i) = i / (C_in / G) for G = color_channels. The kernels
-// visit only allowed taps; masked weights are never read and their gradients are exactly 0.
+// Launchers of the masked (PixelCNN) convolution CUDA kernels; the op and its mask are defined in
+// ops/masked_conv2d.h. Plain CUDA, no torch headers.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
