@@ -71,7 +71,7 @@ def measured_clock_ghz(iterations: int = 1_000_000, repeats: int = 50) -> float 
     """The clock of one core in GHz from the add chain: the best of ``repeats`` runs of about
     2 ms each, short enough that some run whole between other processes' time slices on a
     shared machine (runs of 50 ms all measured 1.9-2.3 GHz there under load, 2 ms runs 3.69);
-    None without a C compiler or off x86-64."""
+    None without a working C compiler or off x86-64."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
         return None
@@ -79,8 +79,10 @@ def measured_clock_ghz(iterations: int = 1_000_000, repeats: int = 50) -> float 
         source, library = os.path.join(tmp, "chain.c"), os.path.join(tmp, "chain.so")
         with open(source, "w") as f:
             f.write(_ADD_CHAIN)
-        subprocess.run([compiler, "-O2", "-shared", "-fPIC", source, "-o", library],
-                       check=True, capture_output=True)
+        built = subprocess.run([compiler, "-O2", "-shared", "-fPIC", source, "-o", library],
+                               capture_output=True)
+        if built.returncode != 0:
+            return None
         chain = ctypes.CDLL(library).add_chain
         chain.argtypes = [ctypes.c_uint64]
         chain(iterations // 10)  # warm-up: let the core reach its clock
@@ -120,7 +122,8 @@ def fma_peak(threads: int) -> dict | None:
     reported = float(info.get("cpu MHz", "0") or 0) / 1e3
     clock = measured_clock_ghz()
     if clock is None:
-        clock, source = reported, "reported by /proc/cpuinfo (not measured: no C compiler)"
+        clock, source = reported, ("reported by /proc/cpuinfo, not measured: no working C "
+                                   "compiler or not x86-64")
     else:
         source = f"measured, a dependent-add chain on one core; /proc/cpuinfo reports " \
                  f"{reported:.2f} GHz"
