@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+#: ``precision`` names of training and encoding -> the ``torch.autocast`` dtype (None: float32).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def check_device(device: str | torch.device, name: str = "device") -> torch.device:
     """``device`` as a :class:`torch.device`, after checking that this machine has it.

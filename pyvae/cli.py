@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
 import subprocess
 import sys
+import typing
 
 import torch
 
@@ -68,7 +70,7 @@ config file (JSON; every key optional, command-line flags override it):
    "data": {"spec": "shapes2d", "size": 20000},
    "eval_data": {"spec": "data/test.npy"},
    "train": {"steps": 50000, "batch_size": 256, "lr": 1e-3, "eval_fraction": 0.05}}
-"train" takes the keyword arguments of pyvae.train.fit (out_dir included).
+"train" takes the fields of pyvae.train.TrainConfig, and out_dir, device and progress.
 
 A model's channels, image_size and dataset_size constructor arguments, when it has them and they
 are not given, come from the data: channels and image_size from the dataset's image_shape
@@ -81,52 +83,31 @@ for evaluations) and checkpoint/ (model.safetensors, model.json, state.pt and ma
 their SHA-256s, checked on load and on --resume), which pyvae.train.load_model(path) turns back
 into a model. A .lock file keeps a second job off a run directory while one runs."""
 
-# (flag, keyword argument of pyvae.train.fit, type, metavar, help); defaults come from fit.
-TRAIN_FLAGS = [
-    ("--steps", "steps", int, "N", "length of the run in optimizer steps (or --epochs)"),
-    ("--epochs", "epochs", int, "N", "length of the run in epochs (or --steps)"),
-    ("--stop-after", "stop_after", int, "STEP", "end this invocation at this step, with a "
-     "checkpoint (continue with --resume); the schedules still span the whole run"),
-    ("--batch-size", "batch_size", int, "B", "examples per step per process"),
-    ("--optimizer", "optimizer", str, "{adamw,adagrad}", "the optimizer"),
-    ("--lr", "lr", float, "LR", "learning rate"),
-    ("--weight-decay", "weight_decay", float, "W",
-     "weight decay (AdamW: decoupled; Adagrad: L2 penalty)"),
-    ("--lr-schedule", "lr_schedule", str, "{constant,cosine,linear}",
-     "learning-rate decay after the warm-up (cosine/linear reach 0 at the last step)"),
-    ("--lr-warmup-steps", "lr_warmup_steps", int, "N", "steps of linear learning-rate warm-up"),
-    ("--kl-schedule", "kl_schedule", str, "{linear,cyclical}",
-     "KL-weight schedule: linear warm-up, or cyclical annealing (Fu et al. 2019)"),
-    ("--kl-warmup-steps", "kl_warmup_steps", int, "N",
-     "linear schedule: steps over which the KL weight ramps from 0 to 1"),
-    ("--kl-cycle-steps", "kl_cycle_steps", int, "N", "cyclical schedule: steps per cycle"),
-    ("--kl-cycle-ramp", "kl_cycle_ramp", float, "F",
-     "cyclical schedule: fraction of each cycle spent ramping from 0 to 1"),
-    ("--grad-clip", "grad_clip", float, "NORM", "clip the gradients' global L2 norm"),
-    ("--precision", "precision", str, "{fp32,bf16,fp16}",
-     "autocast precision (fp16 uses a gradient scaler)"),
-    ("--eval-fraction", "eval_fraction", float, "F",
-     "hold out this fraction of the data for evaluation (chosen by --seed)"),
-    ("--eval-every", "eval_every", int, "N", "evaluate every N steps (default: at the end)"),
-    ("--eval-batches", "eval_batches", int, "N", "evaluation batches (default: all)"),
-    ("--log-every", "log_every", int, "N", "write a metrics record every N steps"),
-    ("--checkpoint-every", "checkpoint_every", int, "N", "checkpoint every N steps"),
-    ("--seed", "seed", int, "S", "seed of model initialisation, data order and noise"),
-    ("--num-workers", "num_workers", int, "N", "DataLoader worker processes per process"),
-    ("--device", "device", str, "DEV",
-     "e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu; cuda:LOCAL_RANK under "
-     "torchrun)"),
-]
-
-
-def _fit_defaults() -> dict:
-    from pyvae.train import fit
-    return {name: p.default for name, p in inspect.signature(fit).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+def _add_train_config_flags(group) -> None:
+    """One flag per TrainConfig field (--batch-size for batch_size), with its help, metavar and
+    default; None when not given, so that --config's "train" section fills the rest."""
+    from pyvae.train import TrainConfig
+    hints = typing.get_type_hints(TrainConfig)
+    for setting in dataclasses.fields(TrainConfig):
+        flag, text = "--" + setting.name.replace("_", "-"), setting.metadata["help"]
+        default = setting.default
+        if hints[setting.name] is bool:
+            group.add_argument(flag, dest=setting.name, action="store_true", default=None,
+                               help=text)
+            continue
+        if isinstance(default, tuple):
+            group.add_argument(flag, dest=setting.name, nargs=len(default), type=type(default[0]),
+                               metavar=setting.metadata["metavar"],
+                               help=f"{text} (default: {' '.join(map(str, default))})")
+            continue
+        kind = next(t for t in typing.get_args(hints[setting.name]) or [hints[setting.name]]
+                    if t is not type(None))
+        suffix = f" (default: {default})" if default is not None else ""
+        group.add_argument(flag, dest=setting.name, type=kind,
+                           metavar=setting.metadata["metavar"], help=text + suffix)
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
-    defaults = _fit_defaults()
     train = sub.add_parser(
         "train", help="train a model (pyvae.train.fit) and write logs and checkpoints",
         description="Train a pyvae model on a dataset: AdamW, learning-rate and KL schedules, "
@@ -151,22 +132,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                       help="load_dataset option of --eval-data (repeatable)")
     what.add_argument("--out", metavar="DIR", help="run directory (required here or as "
                                                    "train.out_dir in --config)")
-    run = train.add_argument_group("training (pyvae.train.fit arguments)")
-    for flag, name, kind, metavar, text in TRAIN_FLAGS:
-        default = defaults.get(name)
-        suffix = f" (default: {default})" if default is not None and name != "device" else ""
-        run.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text + suffix)
-    run.add_argument("--betas", nargs=2, type=float, metavar=("B1", "B2"),
-                     help=f"AdamW betas (default: {' '.join(map(str, defaults['betas']))})")
-    run.add_argument("--resume", action="store_true", default=None,
-                     help="continue the run in --out from its checkpoint (starts afresh if "
-                          "--out holds no checkpoint yet; a missing or damaged checkpoint of a "
-                          "run that logged past it is an error)")
+    run = train.add_argument_group("training (pyvae.train.TrainConfig fields)")
+    _add_train_config_flags(run)
+    run.add_argument("--device", metavar="DEV",
+                     help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu; "
+                          "cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                      help="no progress bar")
-    run.add_argument("--gather-global-batch", action="store_true", default=None,
-                     help="models with whole-batch statistics (BetaTCVAE) gather the batch of "
-                          "all processes")
     train.set_defaults(func=cmd_train)
     return train
 
@@ -227,6 +199,7 @@ def _data_kwargs(model_class, given: dict, dataset, train: dict) -> dict:
 
 def _train_settings(args) -> tuple[dict, dict, dict | None, dict]:
     """Merge --config and the flags into (model, data, eval_data, train) sections."""
+    from pyvae.train import TrainConfig
     config = {}
     if args.config:
         try:
@@ -260,8 +233,7 @@ def _train_settings(args) -> tuple[dict, dict, dict | None, dict]:
             raise _UsageError("--eval-data-arg needs --eval-data")
         eval_data.update(_key_values(args.eval_data_arg, "--eval-data-arg"))
     train = _section(config, "train")
-    for name in [name for _, name, *_ in TRAIN_FLAGS] + ["betas", "resume", "progress",
-                                                        "gather_global_batch"]:
+    for name in TrainConfig.field_names() + ["device", "progress"]:
         if getattr(args, name) is not None:
             train[name] = getattr(args, name)
     # A run's length given on the command line replaces the config's, whichever unit it uses
@@ -272,11 +244,12 @@ def _train_settings(args) -> tuple[dict, dict, dict | None, dict]:
         train.pop("steps", None)
     if args.out:
         train["out_dir"] = args.out
-    accepted = set(_fit_defaults()) - {"eval_dataset", "extra_config"} | {"out_dir"}
+    accepted = set(TrainConfig.field_names()) | {"out_dir", "device", "progress"}
     unknown = set(train) - accepted
     if unknown:
         raise _UsageError(f'unknown training options {sorted(unknown)} in "train"; '
-                          f"pyvae.train.fit accepts {sorted(accepted)}")
+                          f"it takes TrainConfig's fields and out_dir, device, progress: "
+                          f"{sorted(accepted)}")
     for section, key, flag in [(model, "name", "--model"), (data, "spec", "--data"),
                                (train, "out_dir", "--out")]:
         if key not in section:

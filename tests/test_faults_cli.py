@@ -30,7 +30,7 @@ def assert_one_line_error(status, err, *needles):
 
 
 @pytest.mark.parametrize("flags, needles", [
-    (["--steps", "-5"], ["steps must be a positive int", "-5"]),
+    (["--steps", "-5"], ["steps must be >= 1", "-5"]),
     (["--steps", "0"], ["steps"]),
     (["--steps", "3", "--lr", "nan"], ["lr must be positive", "nan"]),
     (["--steps", "3", "--lr", "-1"], ["lr must be positive"]),

@@ -1,5 +1,6 @@
 """pyvae.train: data order, schedules, logs, checkpoints, exact resume (in-process and after a
 SIGKILL), divergence, precision, DistributedDataParallel under torchrun, and `pyvae train`."""
+import argparse
 import json
 import math
 import os
@@ -20,8 +21,9 @@ from pyvae.cli import main
 from pyvae.models import BaseVAE, ModelOutput, register
 from pyvae.models.base import LN2
 from pyvae.ops import reparameterize_kl
-from pyvae.train import (ShardedBatchSampler, TrainingDiverged, collate_images, fit,
-                         load_checkpoint, load_model, read_metrics, save_checkpoint, split_dataset)
+from pyvae.train import (ShardedBatchSampler, TrainConfig, TrainingDiverged, collate_images,
+                         fit, load_checkpoint, load_model, read_metrics, save_checkpoint,
+                         split_dataset)
 from pyvae.train.metrics import MetricLayout
 from pyvae.train.schedules import kl_weight, lr_factor
 from conftest import run_torchrun
@@ -280,7 +282,7 @@ def test_fit_argument_errors(tmp_path):
     cases = [
         (dict(), "exactly one of steps and epochs"),
         (dict(steps=2, epochs=1), "exactly one of steps and epochs"),
-        (dict(steps=0), "steps must be a positive int"),
+        (dict(steps=0), "steps must be >= 1"),
         (dict(steps=2, batch_size=32), "training set is too small: .* fewer than one global"),
         (dict(steps=2, precision="fp8"), "precision must be one of"),
         (dict(steps=2, lr=0), "lr must be positive"),
@@ -659,3 +661,53 @@ def test_train_command_with_pyvae_data(tmp_path, capsys):
     config = load_model(out).config
     assert config["channels"] == channels and config["dataset_size"] == 30
     assert config["image_size"] == (height if height == width else [height, width])
+
+
+# ---- TrainConfig ----------------------------------------------------------------------------------
+
+def test_fit_takes_a_train_config_or_the_same_keywords(tmp_path):
+    data = ToyImages(n=16)
+    torch.manual_seed(0)
+    by_keywords = ToyVAE()
+    fit(by_keywords, data, out_dir=tmp_path / "keywords", steps=3, batch_size=4, lr=1e-2, **QUIET)
+    torch.manual_seed(0)
+    by_config = ToyVAE()
+    config = TrainConfig(steps=3, batch_size=4, lr=1e-2, log_every=1, checkpoint_every=None)
+    fit(by_config, data, config, out_dir=tmp_path / "config", progress=False)
+    assert_same_parameters(parameters(by_config), parameters(by_keywords))
+    saved = json.loads((tmp_path / "config" / "config.json").read_text())["train"]
+    assert saved == json.loads((tmp_path / "keywords" / "config.json").read_text())["train"]
+    assert TrainConfig.from_dict(saved) == config
+    # keywords replace the config's fields
+    fit(ToyVAE(), data, config, out_dir=tmp_path / "both", progress=False, steps=2)
+    assert json.loads((tmp_path / "both" / "config.json").read_text())["train"]["steps"] == 2
+    with pytest.raises(TypeError, match=r"unknown keyword arguments \['step'\]"):
+        fit(ToyVAE(), data, out_dir=tmp_path / "typo", step=3)
+
+
+def test_train_config_checks_every_field():
+    assert TrainConfig(steps=5).betas == (0.9, 0.999)
+    assert TrainConfig(epochs=2, betas=[0.5, 0.6]).betas == (0.5, 0.6)  # JSON lists accepted
+    cases = [(dict(steps=2, batch_size=2.5), TypeError, "batch_size must be an int"),
+             (dict(steps=2, seed=-1), ValueError, "seed must be >= 0"),
+             (dict(steps=2, resume="yes"), TypeError, "resume must be a bool"),
+             (dict(steps=2, betas=(0.9,)), ValueError, "betas must be two numbers"),
+             (dict(steps=2, kl_cycle_ramp=0), ValueError, "kl_cycle_ramp"),
+             (dict(steps=2, grad_clip=-1.0), ValueError, "grad_clip")]
+    for values, error, message in cases:
+        with pytest.raises(error, match=message):
+            TrainConfig(**values)
+    with pytest.raises(ValueError, match=r"unknown training settings \['lr_decay'\]"):
+        TrainConfig.from_dict({"steps": 2, "lr_decay": 0.5})
+
+
+def test_every_train_config_field_is_a_cli_flag():
+    from pyvae.cli import add_train_parser
+    train_parser = add_train_parser(argparse.ArgumentParser().add_subparsers())
+    flags = {option: action for action in train_parser._actions
+             for option in action.option_strings}
+    for name in TrainConfig.field_names():
+        assert flags["--" + name.replace("_", "-")].dest == name
+    parsed = train_parser.parse_args(["--betas", "0.5", "0.6", "--resume", "--kl-cycle-steps", "7"])
+    assert (parsed.betas, parsed.resume, parsed.kl_cycle_steps, parsed.lr) == ([0.5, 0.6], True,
+                                                                              7, None)

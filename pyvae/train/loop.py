@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -18,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from pyvae._device import AUTOCAST_DTYPES
 from pyvae._io import exclusive_lock, write_text_atomic
 from pyvae.errors import IntegrityError
 from pyvae.models import BaseVAE
@@ -25,13 +27,12 @@ from pyvae.train import distributed
 from pyvae.train.checkpoint import (CONFIG, LINK, MissingCheckpointError, capture_rng_state,
                                     checkpoint_dir, load_checkpoint, remove_stale_checkpoints,
                                     restore_rng_state, save_checkpoint)
+from pyvae.train.config import TrainConfig
 from pyvae.train.metrics import MetricLayout, MetricsLog
 from pyvae.train.sampler import (EVAL_NOISE, NOISE, SPLIT, WORKERS, ShardedBatchSampler,
                                  derived_seed)
 from pyvae.train.schedules import KL_SCHEDULES, LR_SCHEDULES, kl_weight, lr_factor
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIMIZERS = ("adamw", "adagrad")
 STATE_FORMAT = 1
 
 
@@ -129,59 +130,6 @@ def split_dataset(dataset: Dataset, eval_fraction: float, seed: int = 0
             Subset(dataset, sorted(order[:n_eval].tolist())))
 
 
-def _validate(steps, epochs, stop_after, batch_size, optimizer, lr, weight_decay, betas,
-              lr_schedule, lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps,
-              kl_cycle_ramp, grad_clip, precision, eval_dataset, eval_fraction, eval_every,
-              eval_batches, log_every, checkpoint_every, seed, num_workers) -> None:
-    def positive_int(name, value, optional=True):
-        if value is None and optional:
-            return
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"fit: {name} must be a positive int{' or None' * optional}, "
-                             f"got {value!r}")
-
-    def nonnegative_int(name, value):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"fit: {name} must be a non-negative int, got {value!r}")
-
-    if (steps is None) == (epochs is None):
-        raise ValueError(f"fit: give exactly one of steps and epochs (got steps={steps!r}, "
-                         f"epochs={epochs!r})")
-    for name, value in [("steps", steps), ("epochs", epochs), ("stop_after", stop_after),
-                        ("eval_every", eval_every), ("eval_batches", eval_batches),
-                        ("log_every", log_every), ("checkpoint_every", checkpoint_every),
-                        ("kl_cycle_steps", kl_cycle_steps)]:
-        positive_int(name, value)
-    positive_int("batch_size", batch_size, optional=False)
-    for name, value in [("lr_warmup_steps", lr_warmup_steps), ("kl_warmup_steps", kl_warmup_steps),
-                        ("seed", seed), ("num_workers", num_workers)]:
-        nonnegative_int(name, value)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"fit: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if not lr > 0:
-        raise ValueError(f"fit: lr must be positive, got {lr!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"fit: weight_decay must be non-negative, got {weight_decay!r}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"fit: betas must be two numbers in [0, 1), got {betas!r}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"fit: lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
-    if kl_schedule not in KL_SCHEDULES:
-        raise ValueError(f"fit: kl_schedule must be one of {KL_SCHEDULES}, got {kl_schedule!r}")
-    if kl_schedule == "cyclical" and kl_cycle_steps is None:
-        raise ValueError("fit: kl_schedule='cyclical' needs kl_cycle_steps (the cycle length)")
-    if not 0.0 < kl_cycle_ramp <= 1.0:
-        raise ValueError(f"fit: kl_cycle_ramp must be in (0, 1], got {kl_cycle_ramp!r}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"fit: grad_clip must be positive or None, got {grad_clip!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"fit: precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"fit: eval_fraction must be in [0, 1), got {eval_fraction!r}")
-    if eval_dataset is not None and eval_fraction > 0:
-        raise ValueError("fit: give eval_dataset or eval_fraction, not both")
-
-
 def _write_json(path: Path, value: dict) -> None:
     write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
@@ -192,19 +140,10 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
-        steps: int | None = None, epochs: int | None = None, stop_after: int | None = None,
-        batch_size: int = 64, optimizer: str = "adamw", lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999), lr_schedule: str = "constant",
-        lr_warmup_steps: int = 0, kl_schedule: str = "linear", kl_warmup_steps: int = 0,
-        kl_cycle_steps: int | None = None, kl_cycle_ramp: float = 0.5,
-        grad_clip: float | None = None, precision: str = "fp32",
-        eval_dataset: Dataset | None = None, eval_fraction: float = 0.0,
-        eval_every: int | None = None, eval_batches: int | None = None, log_every: int = 50,
-        checkpoint_every: int | None = 1000, resume: bool = False, seed: int = 0,
-        num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True,
-        gather_global_batch: bool = False, extra_config: dict | None = None) -> FitResult:
+def fit(model: BaseVAE, dataset: Dataset, config: TrainConfig | None = None, *,
+        out_dir: str | os.PathLike, eval_dataset: Dataset | None = None,
+        device: str | torch.device | None = None, progress: bool = True,
+        extra_config: dict | None = None, **settings) -> FitResult:
     """Train ``model`` on ``dataset`` with AdamW (or Adagrad), logging, evaluating and
     checkpointing into ``out_dir``; exactly resumable, and distributed under ``torchrun``.
 
@@ -223,53 +162,15 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
         out_dir: the run directory: ``config.json`` (model config, these arguments, dataset
             sizes and ``extra_config``), ``metrics.jsonl``, ``checkpoint/`` and ``.lock``
             (held by the running fit).
-        steps, epochs: the run's length: exactly one of them. An epoch is
-            ``len(train set) // (batch_size * world_size)`` steps (the last partial global
-            batch of each epoch's permutation is dropped).
-        stop_after: end this call once the total step count reaches ``stop_after`` (with a
-            checkpoint), e.g. to fit a job's time limit; ``resume=True`` continues the run. The
-            schedules still span ``steps`` / ``epochs``.
-        batch_size: examples per step per process.
-        optimizer: ``"adamw"`` or ``"adagrad"``.
-        lr, weight_decay, betas: the learning rate; AdamW's decoupled weight decay (Adagrad's
-            L2 penalty); AdamW's betas (unused by Adagrad).
-        lr_schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` decay to 0 at the last step,
-            after ``lr_warmup_steps`` steps of linear warm-up
-            (:func:`pyvae.train.schedules.lr_factor`).
-        kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ramp: the ``kl_weight`` passed to
-            ``model.loss``: ``"linear"`` ramps from 0 to 1 over ``kl_warmup_steps`` (0: always
-            1); ``"cyclical"`` repeats cycles of ``kl_cycle_steps`` steps, ramping over their
-            first ``kl_cycle_ramp`` fraction (:func:`pyvae.train.schedules.kl_weight`).
-        grad_clip: clip the gradients' global L2 norm to this (logged as ``grad_norm``).
-        precision: ``"fp32"``; ``"bf16"`` or ``"fp16"`` run the loss under ``torch.autocast``
-            on the model's device type (fp16 with a GradScaler).
-        eval_dataset: a held-out dataset to evaluate on; or ``eval_fraction``: hold out this
-            fraction of ``dataset``, chosen by ``seed`` (:func:`split_dataset`).
-        eval_every: evaluate every this many steps (None: only at the end of the run).
-            Evaluation runs ``model.loss(x, kl_weight=1.0)`` in eval mode without gradients on
-            ``eval_batches`` global batches (None: all full batches), with noise drawn from a
-            fixed seed so that evaluations are comparable and training's RNG is untouched.
-        log_every: write a training record every this many steps (and at the end of the
-            run). A call that stops earlier (``stop_after``) keeps the steps since the last
-            record in its checkpoint, so a resumed run logs the same records as an
-            uninterrupted one.
-        checkpoint_every: checkpoint every this many steps (None: only at the end of a call).
-        resume: continue from ``out_dir/checkpoint`` when there is one (else start afresh, so
-            a preemptible job can always pass True, also when it was stopped before its first
-            checkpoint). A checkpoint that cannot be used — a dangling ``checkpoint`` link, a
-            missing, truncated or damaged file, or no link although ``metrics.jsonl`` has
-            records past the first checkpoint's step — is an error, and nothing in ``out_dir``
-            is changed. Without ``resume``, an existing checkpoint is an error rather than
-            being overwritten.
-        seed: seeds the data order, the held-out split, and (for a fresh run) torch's, Python's
-            and NumPy's global generators, which the model's sampling noise uses (each rank
-            with its own seed derived from ``seed``).
-        num_workers: DataLoader worker processes per rank.
+        config: the run's settings, a :class:`TrainConfig` (its fields: length, optimizer,
+            schedules, precision, evaluation, logging, checkpointing, resume, seed); default
+            ``TrainConfig()`` but for ``settings``.
+        **settings: :class:`TrainConfig` fields as keywords (``steps=1000, lr=3e-4``), which
+            replace those of ``config``.
+        eval_dataset: a held-out dataset to evaluate on (or ``config.eval_fraction``).
         device: where to train (None: the model's device; under torchrun ``cuda:LOCAL_RANK``
             when CUDA is available, else the CPU). The model is moved there.
         progress: show a tqdm progress bar with loss, distortion (nats) and rate (bits).
-        gather_global_batch: set ``model.gather_global_batch = True`` (models whose loss uses
-            statistics of the whole batch, e.g. BetaTCVAE, then gather it across ranks).
         extra_config: more JSON-serialisable entries for ``config.json`` (the CLI records the
             dataset spec there).
 
@@ -288,8 +189,9 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
             the file and the cause, and the last checkpoint stays loadable.
         MainRankFailed: on the other ranks under torchrun, when rank 0 failed one of the
             above.
-        ValueError: an invalid argument (named in the message), a resumed checkpoint of a
-            different model config, optimizer, seed, global batch size or training-set size.
+        ValueError, TypeError: an invalid setting (named in the message; TypeError also for an
+            unknown keyword), a resumed checkpoint of a different model config, optimizer,
+            seed, global batch size or training-set size.
         FileExistsError: ``out_dir`` holds a checkpoint and ``resume`` is False.
 
     ``metrics.jsonl`` holds one JSON object per line. Training records (``"split": "train"``,
@@ -311,35 +213,29 @@ def fit(model: BaseVAE, dataset: Dataset, *, out_dir: str | os.PathLike,
     if not isinstance(model, BaseVAE):
         raise TypeError(f"fit: model must be a pyvae.models.BaseVAE (its config is saved with the "
                         f"weights), got {type(model).__name__}")
-    betas = tuple(betas)
-    _validate(steps, epochs, stop_after, batch_size, optimizer, lr, weight_decay, betas,
-              lr_schedule, lr_warmup_steps, kl_schedule, kl_warmup_steps, kl_cycle_steps,
-              kl_cycle_ramp, grad_clip, precision, eval_dataset, eval_fraction, eval_every,
-              eval_batches, log_every, checkpoint_every, seed, num_workers)
-    if gather_global_batch:
+    unknown = set(settings) - set(TrainConfig.field_names())
+    if unknown:
+        raise TypeError(f"fit: unknown keyword arguments {sorted(unknown)}; the settings are "
+                        f"TrainConfig's fields {TrainConfig.field_names()}")
+    config = (TrainConfig(**settings) if config is None
+              else dataclasses.replace(config, **settings))
+    if eval_dataset is not None and config.eval_fraction > 0:
+        raise ValueError("fit: give eval_dataset or eval_fraction, not both")
+    if config.gather_global_batch:
         if not hasattr(model, "gather_global_batch"):
             raise ValueError(f"fit: gather_global_batch=True, but {type(model).__name__} has no "
                              f"gather_global_batch attribute (only models whose loss uses "
                              f"statistics of the whole batch have one)")
         model.gather_global_batch = True
-    args = dict(steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size,
-                optimizer=optimizer, lr=lr,
-                weight_decay=weight_decay, betas=list(betas), lr_schedule=lr_schedule,
-                lr_warmup_steps=lr_warmup_steps, kl_schedule=kl_schedule,
-                kl_warmup_steps=kl_warmup_steps, kl_cycle_steps=kl_cycle_steps,
-                kl_cycle_ramp=kl_cycle_ramp, grad_clip=grad_clip, precision=precision,
-                eval_fraction=eval_fraction, eval_every=eval_every, eval_batches=eval_batches,
-                log_every=log_every, checkpoint_every=checkpoint_every, resume=resume, seed=seed,
-                num_workers=num_workers, gather_global_batch=gather_global_batch)
-    if eval_fraction > 0:
-        dataset, eval_dataset = split_dataset(dataset, eval_fraction, seed)
+    if config.eval_fraction > 0:
+        dataset, eval_dataset = split_dataset(dataset, config.eval_fraction, config.seed)
     dist = distributed.setup(device, default=model.device)
     trainer = None
     try:
         with contextlib.ExitStack() as stack:
             _on_main_rank(dist, lambda: stack.enter_context(
                 exclusive_lock(out_dir, "run directory")), "to lock the run directory")
-            trainer = _Trainer(model, dataset, eval_dataset, Path(out_dir), args, dist,
+            trainer = _Trainer(model, dataset, eval_dataset, Path(out_dir), config, dist,
                                extra_config or {}, progress)
             return trainer.run()
     finally:
@@ -380,16 +276,16 @@ class _Window:
 
 
 class _Trainer:
-    """The state of one :func:`fit` call (see there for the arguments in ``args``)."""
+    """The state of one :func:`fit` call."""
 
     def __init__(self, model: BaseVAE, dataset: Dataset, eval_dataset: Dataset | None,
-                 out_dir: Path, args: dict, dist: distributed.Distributed, extra_config: dict,
-                 progress: bool):
-        self.args, self.dist, self.out_dir, self.progress = args, dist, out_dir, progress
+                 out_dir: Path, config: TrainConfig, dist: distributed.Distributed,
+                 extra_config: dict, progress: bool):
+        self.config, self.dist, self.out_dir, self.progress = config, dist, out_dir, progress
         self.device = dist.device
-        self.seed = args["seed"]
+        self.seed = config.seed
         self.model = model.to(self.device).train()
-        world, rank, batch = dist.world_size, dist.rank, args["batch_size"]
+        world, rank, batch = dist.world_size, dist.rank, config.batch_size
 
         try:
             self.sampler = ShardedBatchSampler(len(dataset), batch, seed=self.seed, rank=rank,
@@ -399,8 +295,8 @@ class _Trainer:
         self.data_generator = torch.Generator()  # worker seeds, without touching the global RNG
         self.loader = self._loader(dataset, self.sampler, self.data_generator)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = args["steps"] or args["epochs"] * self.steps_per_epoch
-        self.end_step = min(self.total_steps, args["stop_after"] or self.total_steps)
+        self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        self.end_step = min(self.total_steps, config.stop_after or self.total_steps)
         self.eval_loader = None
         if eval_dataset is not None:
             try:
@@ -412,19 +308,19 @@ class _Trainer:
         self.sizes = {"train_examples": len(dataset),
                       "eval_examples": len(eval_dataset) if eval_dataset is not None else 0}
 
-        if args["optimizer"] == "adagrad":
-            self.optimizer = torch.optim.Adagrad(model.parameters(), lr=args["lr"],
-                                                 weight_decay=args["weight_decay"])
+        if config.optimizer == "adagrad":
+            self.optimizer = torch.optim.Adagrad(model.parameters(), lr=config.lr,
+                                                 weight_decay=config.weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"],
-                                               betas=tuple(args["betas"]),
-                                               weight_decay=args["weight_decay"])
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                               betas=tuple(config.betas),
+                                               weight_decay=config.weight_decay)
         total_steps = self.total_steps  # not self: no reference cycle keeps workers alive
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
-            step, schedule=args["lr_schedule"], warmup_steps=args["lr_warmup_steps"],
+            step, schedule=config.lr_schedule, warmup_steps=config.lr_warmup_steps,
             total_steps=total_steps))
-        self.amp_dtype = PRECISIONS[args["precision"]]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args["precision"] == "fp16")
+        self.amp_dtype = AUTOCAST_DTYPES[config.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
 
         self.layout: MetricLayout | None = None  # made from the first step's output
         self.window = _Window()  # replaced by the checkpoint's on resume
@@ -433,7 +329,7 @@ class _Trainer:
 
         def start():
             remove_stale_checkpoints(out_dir)  # e.g. half-written by a killed run
-            _write_json(out_dir / "config.json", {"model": model.config, "train": args,
+            _write_json(out_dir / "config.json", {"model": model.config, "train": config.to_dict(),
                                                   "dataset": self.sizes, **extra_config})
         _on_main_rank(dist, start, "to write config.json")
         self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index]
@@ -443,7 +339,7 @@ class _Trainer:
                     if dist.is_main else None)
 
     def _loader(self, dataset, sampler, generator) -> DataLoader:
-        workers = self.args["num_workers"]
+        workers = self.config.num_workers
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                           collate_fn=collate_images, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, generator=generator)
@@ -455,7 +351,7 @@ class _Trainer:
         path = self.out_dir / "metrics.jsonl"
         if not path.is_file():
             return False
-        first = min(self.args["checkpoint_every"] or self.end_step, self.end_step)
+        first = min(self.config.checkpoint_every or self.end_step, self.end_step)
         for line in path.read_text().splitlines():
             try:
                 step = json.loads(line).get("step", 0)
@@ -469,12 +365,12 @@ class _Trainer:
         """Load ``out_dir/checkpoint`` (resume) or seed a fresh run; returns the start step.
         Nothing in ``out_dir`` changes before the checkpoint is accepted."""
         link = self.out_dir / LINK
-        if (link / CONFIG).is_file() and not self.args["resume"]:
+        if (link / CONFIG).is_file() and not self.config.resume:
             raise FileExistsError(f"fit: {str(self.out_dir)!r} already holds a checkpoint; pass "
                                   f"resume=True to continue that run, or choose another out_dir")
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self.args["resume"] or not (os.path.lexists(link) or self._checkpointed_before()):
+        if not self.config.resume or not (os.path.lexists(link) or self._checkpointed_before()):
             _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank))
             return 0
         try:
@@ -490,11 +386,11 @@ class _Trainer:
         except ValueError as error:
             raise ValueError(f"fit(resume=True): {error}") from None
         saved_optimizer = state.get("optimizer_name", "adamw")  # older checkpoints: AdamW
-        if saved_optimizer != self.args["optimizer"]:
+        if saved_optimizer != self.config.optimizer:
             raise ValueError(f"fit(resume=True): the checkpoint in "
                              f"{str(checkpoint_dir(self.out_dir))!r} was trained with "
                              f"optimizer={saved_optimizer!r}, this call has "
-                             f"optimizer={self.args['optimizer']!r}")
+                             f"optimizer={self.config.optimizer!r}")
         self.optimizer.load_state_dict(state["optimizer"])
         expected = {"seed": self.seed, "global_batch_size": self.sampler.global_batch_size,
                     "train_examples": self.sizes["train_examples"]}
@@ -517,7 +413,7 @@ class _Trainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self) -> FitResult:
-        args = self.args
+        config = self.config
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.dist.is_main))
         last_record, eval_metrics = None, None
@@ -528,10 +424,10 @@ class _Trainer:
                 self.sampler.set_epoch(epoch, position)
                 self.data_generator.manual_seed(derived_seed(self.seed, WORKERS, epoch))
                 for x in self.loader:
-                    kl = kl_weight(self.step, schedule=args["kl_schedule"],
-                                   warmup_steps=args["kl_warmup_steps"],
-                                   cycle_steps=args["kl_cycle_steps"],
-                                   cycle_ramp=args["kl_cycle_ramp"])
+                    kl = kl_weight(self.step, schedule=config.kl_schedule,
+                                   warmup_steps=config.kl_warmup_steps,
+                                   cycle_steps=config.kl_cycle_steps,
+                                   cycle_ramp=config.kl_cycle_ramp)
                     lr = self.optimizer.param_groups[0]["lr"]
                     values = self._train_step(x, kl)
                     self.step += 1
@@ -542,14 +438,14 @@ class _Trainer:
                     bar.update(1)
 
                     done = self.step == self.end_step
-                    if self.step % args["log_every"] == 0 or self.step == self.total_steps:
+                    if self.step % config.log_every == 0 or self.step == self.total_steps:
                         last_record = self._log_train(self.window, lr, kl)
                         self.window = _Window()
                     if self.eval_loader is not None and (
-                            (args["eval_every"] and self.step % args["eval_every"] == 0)
+                            (config.eval_every and self.step % config.eval_every == 0)
                             or self.step == self.total_steps):
                         eval_metrics = self._evaluate()
-                    if args["checkpoint_every"] and self.step % args["checkpoint_every"] == 0:
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                         self._save()
                     if done:
                         self._save()
@@ -584,7 +480,7 @@ class _Trainer:
         with self._autocast():
             output = self.ddp(x, kl_weight=kl)
         self.scaler.scale(output.loss).backward()
-        clip = self.args["grad_clip"]
+        clip = self.config.grad_clip
         if self.layout is None:
             self.layout = MetricLayout(output, extra=["grad_norm"] if clip is not None else [])
         extra = []
@@ -624,7 +520,7 @@ class _Trainer:
 
     def _evaluate(self) -> dict:
         """Metrics of the evaluation batches (means over batches and ranks), logged by rank 0."""
-        module, limit = self.model, self.args["eval_batches"]
+        module, limit = self.model, self.config.eval_batches
         module.eval()
         total, count, layout = None, 0, None
         fork = [self.device.index] if self.device.type == "cuda" else []
@@ -660,7 +556,7 @@ class _Trainer:
                      "seed": self.seed, "global_batch_size": self.sampler.global_batch_size,
                      "train_examples": self.sizes["train_examples"],
                      "world_size": self.dist.world_size,
-                     "optimizer_name": self.args["optimizer"],
+                     "optimizer_name": self.config.optimizer,
                      "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "rng": rng,
