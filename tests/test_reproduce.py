@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_registry():
     assert reproduce.names() == ["beta_vae_metric", "patch_vaes", "tcvae_decomposition",
-                                 "layer_rates", "beta_sweep"]
+                                 "layer_rates", "beta_sweep", "area_pmi", "layer_probes"]
     for name in reproduce.names():
         module = reproduce.experiment(name)
         assert set(module.SIZES) == {"smoke", "default"}
@@ -33,7 +33,7 @@ def test_registry():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["beta_vae_metric", "patch_vaes", "tcvae_decomposition",
-                                  "layer_rates", "beta_sweep"])
+                                  "layer_rates", "beta_sweep", "area_pmi", "layer_probes"])
 def test_smoke_run_writes_the_report(name, tmp_path, capsys):
     out = tmp_path / name
     results = reproduce.run(name, out, "smoke", device="cpu")

@@ -20,12 +20,16 @@ name                        seed   what
                                    PSNR and a linear probe
 ``beta_sweep``              001    2-D latent VAE for β from 1e-3 to 100: reconstructions and
                                    the aggregate posterior against the prior
+``area_pmi``                000    pointwise mutual information of image areas from a
+                                   conditional PixelCNN: map over offsets, fall with distance
+``layer_probes``            000    linear probes on every encoder layer (stride-1 patch VAE,
+                                   global VAE) against the code and raw pixels
 =========================== ====== ==========================================================
 
 Python::
 
     from pyvae import reproduce
-    reproduce.names()                                   # the five names
+    reproduce.names()                                   # the seven names
     results = reproduce.run("beta_sweep", "out/beta_sweep", size="default")
     results["finding"]["held"], results["tables"][0]
 """
@@ -48,6 +52,8 @@ EXPERIMENTS = {
     "tcvae_decomposition": "pyvae.reproduce.tcvae_decomposition",
     "layer_rates": "pyvae.reproduce.layer_rates",
     "beta_sweep": "pyvae.reproduce.beta_sweep",
+    "area_pmi": "pyvae.reproduce.area_pmi",
+    "layer_probes": "pyvae.reproduce.layer_probes",
 }
 
 __all__ = ["EXPERIMENTS", "SIZES", "describe", "experiment", "names", "render_markdown", "run"]
