@@ -1,4 +1,6 @@
-"""The process group of a ``torchrun`` launch, as :func:`pyvae.train.fit` uses it."""
+"""The process group of a ``torchrun`` launch, as training (:func:`pyvae.train.fit`) and encoding
+(:func:`pyvae.encode.encode_dataset`) use it, and the differentiable all-gather of a global batch
+(:func:`gather_batch`, for losses that need the whole batch, e.g. β-TCVAE's)."""
 from __future__ import annotations
 
 import os
@@ -98,3 +100,34 @@ def setup(device: str | torch.device | None, default: torch.device) -> Distribut
         _groups_created += 1
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device,
                        owns_group=owns_group)
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and returns
+    this rank's slice (an all-reduce, which every backend, gloo included, supports)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def gather_batch(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """The tensors of every rank concatenated along dim 0 (differentiably), and where this
+    rank's rows start. Every rank must hold the same number of rows."""
+    rows = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    all_rows = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_rows, rows)
+    if len({int(r) for r in all_rows}) != 1:
+        raise ValueError("gather_batch: gather_global_batch needs the same batch size on every "
+                         f"rank, got {[int(r) for r in all_rows]} (drop the last partial batch)")
+    return [_AllGather.apply(t) for t in tensors], dist.get_rank() * tensors[0].shape[0]

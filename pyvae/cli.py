@@ -16,7 +16,6 @@ import pyvae
 from pyvae import demo as demo_module
 from pyvae._device import check_device
 from pyvae.errors import UserError
-from pyvae.ops import _backend
 
 # What a user's mistake raises (a bad argument, a missing or damaged file, a busy directory): the
 # command prints it as one line and exits with status 2. Anything else is a bug and keeps its
@@ -36,10 +35,8 @@ def cmd_info(args) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         name = torch.cuda.get_device_name() if device == "cuda" else "host CPU"
-        print(f"\n{device} ({name}); auto picks "
-              f"{next(b for b in _backend.AUTO_ORDER[device] if not _backend.unavailable_reason(b, device))}")
-        for backend in _backend.BACKENDS:
-            reason = _backend.unavailable_reason(backend, device)
+        print(f"\n{device} ({name}); auto picks {pyvae.ops.auto_backend(device)}")
+        for backend, reason in pyvae.ops.backend_status(device).items():
             print(f"  {backend:10s} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0
 

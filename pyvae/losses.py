@@ -17,6 +17,28 @@ class BetaTCVAELoss(NamedTuple):
     dim_kl: torch.Tensor  # scalar: mean dimension-wise KL
 
 
+class TCPenalty(NamedTuple):
+    """The KL part of the β-TCVAE objective per sample, shape (R,), nats."""
+
+    penalty: torch.Tensor  # α·mi + β·tc + γ·dim_kl
+    mi: torch.Tensor
+    tc: torch.Tensor
+    dim_kl: torch.Tensor
+
+
+def tc_penalty(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, dataset_size: int,
+               alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
+               estimator: str = "mss", rows: slice = slice(None)) -> TCPenalty:
+    """α·MI + β·TC + γ·dimension-wise KL of each sample, estimated from the batch (z, mu, logvar)
+    of shape (B, D) with :func:`pyvae.ops.kl_decomposition`; the samples ``rows`` of it (default
+    all; under DDP, a rank's own rows of the gathered global batch). float32 (float64 for float64
+    inputs)."""
+    terms = kl_decomposition(z, mu, logvar, dataset_size, estimator=estimator)
+    mi, tc, dim_kl = terms.mi[rows], terms.tc[rows], terms.dim_kl[rows]
+    return TCPenalty(penalty=alpha * mi + beta * tc + gamma * dim_kl, mi=mi, tc=tc,
+                     dim_kl=dim_kl)
+
+
 def beta_tcvae(recon_nll: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                dataset_size: int, alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
                estimator: str = "mss") -> BetaTCVAELoss:
@@ -42,8 +64,7 @@ def beta_tcvae(recon_nll: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logva
         shape = tuple(recon_nll.shape) if isinstance(recon_nll, torch.Tensor) else None
         raise ValueError(f"beta_tcvae: recon_nll must be a tensor of shape ({z.shape[0]},) "
                          f"(one value per sample), got {shape}")
-    terms = kl_decomposition(z, mu, logvar, dataset_size, estimator=estimator)
-    per_sample = (recon_nll.to(terms.mi.dtype) + alpha * terms.mi + beta * terms.tc
-                  + gamma * terms.dim_kl)
-    return BetaTCVAELoss(loss=per_sample.mean(), mi=terms.mi.mean(), tc=terms.tc.mean(),
-                         dim_kl=terms.dim_kl.mean())
+    kl = tc_penalty(z, mu, logvar, dataset_size, alpha, beta, gamma, estimator)
+    per_sample = recon_nll.to(kl.penalty.dtype) + kl.penalty
+    return BetaTCVAELoss(loss=per_sample.mean(), mi=kl.mi.mean(), tc=kl.tc.mean(),
+                         dim_kl=kl.dim_kl.mean())

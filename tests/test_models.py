@@ -292,7 +292,7 @@ def test_patch_vae_strided_encoder_and_errors():
 def _gather_worker(rank, world, init_file, z, mu, logvar, results):
     import torch.distributed as dist
 
-    from pyvae.models.vae import gather_batch
+    from pyvae._distributed import gather_batch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,

@@ -60,3 +60,11 @@ def test_triton_twin_has_the_cpp_schema(op, step):
 def test_every_op_is_a_kernel_op():
     assert sorted(_backend.KERNEL_OPS) == ["kl_decomposition", "masked_conv2d",
                                            "reparameterize_kl"]
+
+
+def test_backend_status_and_auto_backend():
+    status = pyvae.ops.backend_status("cpu")
+    assert list(status) == list(_backend.BACKENDS) and status["reference"] is None
+    assert "CUDA tensors only" in status["cuda"]
+    assert pyvae.ops.auto_backend("cpu") == ("cpu" if status["cpu"] is None else "reference")
+    assert pyvae.ops.auto_backend("cpu") in pyvae.ops.available_backends("cpu")

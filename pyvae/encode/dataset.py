@@ -56,13 +56,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import pyvae
+from pyvae._distributed import setup
 from pyvae._io import LOCK_NAME, exclusive_lock, fsync_path, preallocate, write_text_atomic
 from pyvae._validate import check_int
 from pyvae.data import ImageFolder, NumpyImages, UnreadableImageError, load_dataset
 from pyvae.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from pyvae.errors import IntegrityError
 from pyvae.encode.stride1 import encode_patches, fully_convolutional
-from pyvae.train.distributed import setup
 
 FORMAT = "pyvae-feature-store"
 FORMAT_VERSION = 1

@@ -14,8 +14,9 @@ from pyvae.models.base import LN2, BaseVAE, ModelOutput, register
 from pyvae.models.conv import ConvDecoder, ConvEncoder, check_image_size
 from pyvae.models.likelihoods import Likelihood
 from pyvae.models.mlp import MLPDecoder, MLPEncoder
+from pyvae._distributed import gather_batch
 from pyvae._validate import check_int
-from pyvae.ops.kl_decomposition import kl_decomposition
+from pyvae.losses import tc_penalty
 from pyvae.ops.reparameterize_kl import reparameterize_kl
 
 
@@ -123,37 +124,6 @@ class VAE(BaseVAE):
 BetaVAE = VAE
 
 
-class _AllGather(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient of the gathered tensor and returns
-    this rank's slice (an all-reduce, which every backend, gloo included, supports)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        ctx.rows = tensor.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows]
-
-
-def gather_batch(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-    """The tensors of every rank concatenated along dim 0 (differentiably), and where this
-    rank's rows start. Every rank must hold the same number of rows."""
-    rows = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
-    all_rows = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_rows, rows)
-    if len({int(r) for r in all_rows}) != 1:
-        raise ValueError("BetaTCVAE: gather_global_batch needs the same batch size on every "
-                         f"rank, got {[int(r) for r in all_rows]} (drop the last partial batch)")
-    return [_AllGather.apply(t) for t in tensors], dist.get_rank() * tensors[0].shape[0]
-
-
 @register
 class BetaTCVAE(VAE):
     """β-TCVAE (Chen et al. 2018): the KL is split into index-code mutual information, total
@@ -199,10 +169,9 @@ class BetaTCVAE(VAE):
         if self.gather_global_batch and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
             (z, mu, logvar), start = gather_batch(z, mu, logvar)
-        terms = kl_decomposition(z, mu, logvar, self.dataset_size, estimator=self.estimator)
-        mi, tc, dim_kl = (t[start:start + rows].float()
-                          for t in (terms.mi, terms.tc, terms.dim_kl))
-        penalty = self.alpha * mi + self.beta * tc + self.gamma * dim_kl
-        loss = (distortion + kl_weight * penalty).mean()
+        tc = tc_penalty(z, mu, logvar, self.dataset_size, self.alpha, self.beta, self.gamma,
+                        self.estimator, rows=slice(start, start + rows))
+        loss = (distortion + kl_weight * tc.penalty.float()).mean()
         return ModelOutput(loss=loss, distortion=distortion, rate_bits=kl / LN2,
-                           terms={"mi": mi, "tc": tc, "dim_kl": dim_kl})
+                           terms={"mi": tc.mi.float(), "tc": tc.tc.float(),
+                                  "dim_kl": tc.dim_kl.float()})

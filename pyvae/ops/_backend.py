@@ -92,6 +92,19 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if any(unavailable_reason(b, d) is None for d in devices)]
 
 
+def backend_status(device: torch.device | str) -> dict[str, str | None]:
+    """Every backend, with why it cannot run tensors on ``device`` (None: it can)."""
+    return {backend: unavailable_reason(backend, device) for backend in BACKENDS}
+
+
+def auto_backend(device: torch.device | str, op: str | None = None) -> str:
+    """The backend ``auto`` picks for ``op`` (None: every op) on ``device``: the first available
+    of AUTO_ORDER, else the reference."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    return next(b for b in order if unavailable_reason(b, device, op) is None)
+
+
 def requested_backend() -> str:
     """The innermost :func:`use_backend`, else ``$PYVAE_BACKEND``, else ``auto``."""
     if _requested:
@@ -115,8 +128,7 @@ def resolve(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` now; raises when the requested one cannot."""
     name = requested_backend()
     if name == "auto":
-        order = AUTO_ORDER.get(device.type, ("reference",))
-        name = next(b for b in order if unavailable_reason(b, device, op) is None)
+        name = auto_backend(device, op)
     else:
         reason = unavailable_reason(name, device, op)
         if reason is not None:

@@ -19,11 +19,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from pyvae import _distributed as distributed
 from pyvae._device import AUTOCAST_DTYPES
 from pyvae._io import exclusive_lock, write_text_atomic
 from pyvae.errors import IntegrityError
 from pyvae.models import BaseVAE
-from pyvae.train import distributed
 from pyvae.train.checkpoint import (CONFIG, LINK, MissingCheckpointError, capture_rng_state,
                                     checkpoint_dir, load_checkpoint, remove_stale_checkpoints,
                                     restore_rng_state, save_checkpoint)
@@ -31,7 +31,7 @@ from pyvae.train.config import TrainConfig
 from pyvae.train.metrics import MetricLayout, MetricsLog
 from pyvae.train.sampler import (EVAL_NOISE, NOISE, SPLIT, WORKERS, ShardedBatchSampler,
                                  derived_seed)
-from pyvae.train.schedules import KL_SCHEDULES, LR_SCHEDULES, kl_weight, lr_factor
+from pyvae.train.schedules import kl_weight, lr_factor
 
 STATE_FORMAT = 1
 
