@@ -1,4 +1,4 @@
-"""Exact stride-1 patch encoding (DESIGN.md §1 "Stride-1 patch encoding").
+"""Exact stride-1 patch encoding: the code of every p×p patch of an image in one pass.
 
 A patch encoder built from valid convolutions, pooling, elementwise layers, batch norm and a
 final linear layer is the same function as a fully-convolutional network run once over the

@@ -4,7 +4,7 @@ disentanglement metrics (β-VAE, FactorVAE, MIG, DCI), the aggregate posterior's
 distances (seed 001) and sample quality (FID / inception score with a classifier trained by
 pyvae, seed 002).
 
-Units (DESIGN.md §1): log-likelihoods, distortions, ELBOs and mutual informations in nats;
+Units: log-likelihoods, distortions, ELBOs and mutual informations in nats;
 rates and bits/dim in bits (nats / ln 2).
 """
 from pyvae.metrics.aggregate_posterior import (aggregate_posterior_moments,

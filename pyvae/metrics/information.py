@@ -1,7 +1,7 @@
 """Information measures of VAEs: rate, bits/dim, PSNR, ELBO, the importance-weighted bound, the
 channel capacity, and the evaluation of a model over a data set.
 
-Conventions (DESIGN.md §1): log-densities, distortions and ELBOs are in nats; a *rate* or a
+Conventions: log-densities, distortions and ELBOs are in nats; a *rate* or a
 *bits/dim* value is in bits (nats divided by ln 2).
 """
 from __future__ import annotations

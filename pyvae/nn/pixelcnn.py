@@ -1,6 +1,6 @@
 """A conditional PixelCNN (van den Oord et al. 2016) with a discrete (categorical) likelihood.
 
-This is the autoregressive decoder of the patch VAE p|i (DESIGN.md §1, seed 000 §5): each i×i
+This is the autoregressive decoder of the patch VAE p|i (seed 000 §5): each i×i
 block is modelled pixel by pixel, channel group by channel group, conditioned on per-pixel
 features that the VAE decoder computes from z. All log-likelihoods are in nats;
 :func:`bits_per_dim` converts them to bits per dimension.
