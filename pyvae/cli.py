@@ -111,6 +111,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                     "mixed precision, evaluation, JSON-lines metrics, atomic checkpoints and "
                     "exact resume; data-parallel across processes under torchrun.",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_flags(train)
+    train.set_defaults(func=cmd_train)
+    return train
+
+
+def _add_run_flags(train) -> None:
+    """The model, data and training flags of ``pyvae train`` and ``pyvae train-grid``."""
     what = train.add_argument_group("model and data")
     what.add_argument("--config", metavar="FILE",
                       help='JSON file with "model", "data", "eval_data" and "train" sections')
@@ -136,8 +143,6 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                           "cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                      help="no progress bar")
-    train.set_defaults(func=cmd_train)
-    return train
 
 
 class _UsageError(UserError):
@@ -274,7 +279,9 @@ def cmd_train(args) -> int:
     if "device" in train:
         check_device(train["device"], "--device")
     train.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(train.get("seed", 0))  # the initial weights depend on the seed alone
+    # The initial weights depend on the model seed alone (--model-seed, else --seed).
+    torch.manual_seed(train.get("model_seed") if train.get("model_seed") is not None
+                      else train.get("seed", 0))
     model = MODELS[name](**model_config)
     try:
         result = fit(model, dataset, **train,
@@ -290,6 +297,122 @@ def cmd_train(args) -> int:
                           if isinstance(value, float))
         print(f"pyvae train: step {result.step} (epoch {result.epoch:.2f}){summary}")
         print(f"  checkpoint: {result.checkpoint}\n  metrics:    {result.metrics_path}")
+    return 0
+
+
+# ---- pyvae train-grid -------------------------------------------------------------------------
+
+TRAIN_GRID_EPILOG = """\
+examples:
+  pyvae train-grid --model VAE --model-arg architecture=mlp --model-arg latent_dim=10 \\
+      --data shapes2d --out runs/beta-grid --steps 20000 --grid-arg beta=1,2,4,8 --grid-arg seed=0,1
+  pyvae train-grid --config hvae.json --grid betas.json --out runs/hvae-grid --steps 5000
+
+The grid: --grid FILE.json holds a list of grid points ([{"beta": 1}, {"beta": 4, "lr": 3e-4}])
+or an object of value lists ({"betas": [[1, 1], [1, 4]], "seed": [0, 1]}: their Cartesian
+product); or repeat --grid-arg KEY=V1,V2,... (a JSON list such as betas=[[1,1],[1,4]] is also
+taken) for the Cartesian product of the values. In a grid point, lr and seed are the model's
+learning rate and seed (initial weights and noise; --seed seeds the data order, shared by all
+models); the other keys are model constructor arguments on top of --model-arg. Only float
+hyper-parameters (beta, betas, alpha, gamma) can vary: every point must give the same network.
+
+Outputs in --out: grid.json (the points), config.json, metrics.jsonl (records with "model": k),
+checkpoint/ (the stacked grid, for --resume) and models/000, models/001, ... (each model,
+readable with pyvae.train.load_model). pyvae report RUN_DIR draws the grid's heatmaps."""
+
+
+def add_train_grid_parser(sub) -> argparse.ArgumentParser:
+    grid = sub.add_parser(
+        "train-grid", help="train K models of one architecture at once (pyvae.train.fit_grid)",
+        description="Train one model per grid point (β, β per layer, α/γ, learning rate, seed) "
+                    "in one process: stacked parameters, one batched step for all models, the "
+                    "same data stream, a checkpoint of the whole grid and exact resume.",
+        epilog=TRAIN_GRID_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    points = grid.add_argument_group("the grid")
+    points.add_argument("--grid", metavar="FILE", dest="grid_file",
+                        help="JSON file: a list of grid points, or an object of value lists")
+    points.add_argument("--grid-arg", action="append", default=[], metavar="KEY=V1,V2",
+                        help="values of one grid axis (repeatable: the Cartesian product)")
+    _add_run_flags(grid)
+    grid.set_defaults(func=cmd_train_grid)
+    return grid
+
+
+def _grid_values(pair: str) -> tuple[str, list]:
+    key, sep, text = pair.partition("=")
+    if not sep or not key or not text:
+        raise _UsageError(f"--grid-arg expects KEY=V1,V2,..., got {pair!r}")
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError:
+        values = None
+    if not isinstance(values, list):  # V1,V2,...: each parsed as JSON, else kept as a string
+        values = [_key_values([f"{key}={part}"], "--grid-arg")[key] for part in text.split(",")]
+    return key, values
+
+
+def _grid_points(args) -> list[dict]:
+    """The grid of --grid or --grid-arg (exactly one)."""
+    from pyvae.train import grid_product
+    if bool(args.grid_file) == bool(args.grid_arg):
+        raise _UsageError("give the grid with --grid FILE or with --grid-arg KEY=V1,V2 (one "
+                          "of them)")
+    if args.grid_arg:
+        return grid_product(dict(_grid_values(pair) for pair in args.grid_arg))
+    try:
+        with open(args.grid_file) as file:
+            points = json.load(file)
+    except OSError as error:
+        raise _UsageError(f"--grid {args.grid_file!r}: cannot read it "
+                          f"({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _UsageError(f"--grid {args.grid_file!r} is not valid JSON: {error}") from None
+    if isinstance(points, dict):
+        return grid_product(points)
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise _UsageError(f"--grid {args.grid_file!r} must hold a list of grid points (JSON "
+                          f"objects) or an object of value lists")
+    return points
+
+
+def cmd_train_grid(args) -> int:
+    """Build the grid's models and the data from the flags, and run pyvae.train.fit_grid."""
+    from pyvae.models import MODELS
+    from pyvae.train import TrainingDiverged, fit_grid
+    model_config, data_config, eval_config, train = _train_settings(args)
+    grid = _grid_points(args)
+    if eval_config is not None:
+        raise _UsageError("--eval-data: train-grid does not evaluate during training; "
+                          "evaluate the models in --out/models afterwards")
+    name = model_config.pop("name")
+    if name not in MODELS:
+        raise _UsageError(f"--model: unknown model {name!r}; registered: {sorted(MODELS)}")
+    dataset = _load_dataset(data_config["spec"],
+                            {k: v for k, v in data_config.items() if k != "spec"})
+    model_config.update(_data_kwargs(MODELS[name], model_config, dataset, train))
+    if "device" in train:
+        check_device(train["device"], "--device")
+    train.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+
+    def make_model(**point):
+        return MODELS[name](**{**model_config, **point})
+
+    try:
+        result = fit_grid(make_model, grid, dataset, **train, extra_config={"data": data_config})
+    except FileExistsError as error:
+        print(f"pyvae train-grid: error: {error} (on the command line: --resume)",
+              file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"pyvae train-grid: {_one_line(error)}", file=sys.stderr)
+        return 1
+    print(f"pyvae train-grid: {len(grid)} models, step {result.step} (epoch "
+          f"{result.epoch:.2f})")
+    for k, metrics in enumerate(result.metrics):
+        summary = ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()
+                            if isinstance(value, float))
+        print(f"  model {k:03d} {json.dumps(grid[k])}: {summary}")
+    print(f"  models:  {result.out_dir / 'models'}\n  metrics: {result.metrics_path}")
     return 0
 
 
@@ -436,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-k", dest="select", help="pytest -k expression selecting cases")
     bench.set_defaults(func=cmd_bench)
     add_train_parser(sub)
+    add_train_grid_parser(sub)
     add_encode_parser(sub)
     demo = sub.add_parser("demo", help="the main job on bundled photographs: train a patch VAE, "
                                        "encode at stride 1, report, draw (`make demo`)",

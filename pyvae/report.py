@@ -438,6 +438,9 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                                 f"config.json, metrics.jsonl or checkpoint/")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "grid.json").is_file():  # a run of pyvae.train.fit_grid / pyvae train-grid
+        from pyvae.grid_report import grid_report
+        return grid_report(run_dir, out)
     device = check_device(device)
     rep = _Report(out)
     config = _read_config(run_dir, rep.notes)

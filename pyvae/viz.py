@@ -628,3 +628,38 @@ def save_heatmap(path: str | os.PathLike, matrix, x_labels: Sequence, y_labels: 
                             fontsize=7, color="black" if bright else "white")
     _style(ax, title, xlabel, ylabel, grid=False)
     return save_figure(fig, path)
+
+
+def save_metric_lines(path: str | os.PathLike, x, series: dict, *, xlabel: str,
+                      ylabel: str, title: str, log_x: bool | None = None) -> Path:
+    """One line per entry of ``series`` against a hyper-parameter, e.g. the final rate of a β
+    sweep (one line per seed, or a mean).
+
+    Args:
+        x: N hyper-parameter values (numbers), one per point of every line.
+        series: label -> N values (NaN: a missing point, left out of its line).
+        log_x: a logarithmic x axis (default: when all x > 0 and they span > 20×).
+    """
+    owner = "save_metric_lines"
+    xs = _array(x, "x", owner, 1)
+    if xs.size == 0 or not series:
+        raise ValueError(f"{owner}: need at least one x value and one series, got {xs.size} "
+                         f"x values and {len(series)} series")
+    fig, axes = _new_figure(figsize=(5.5, 4.0))
+    ax = axes[0, 0]
+    order = np.argsort(xs, kind="stable")
+    for label, values in series.items():
+        ys = _array(values, f"series[{label!r}]", owner, 1)
+        if ys.shape != xs.shape:
+            raise ValueError(f"{owner}: series[{label!r}] has {ys.size} values for "
+                             f"{xs.size} x values")
+        keep = order[np.isfinite(ys[order])]
+        ax.plot(xs[keep], ys[keep], "-o", markersize=4, label=str(label))
+    if log_x is None:
+        log_x = bool((xs > 0).all() and xs.max() > 20 * xs.min())
+    if log_x:
+        ax.set_xscale("log")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    _style(ax, title, xlabel, ylabel)
+    return save_figure(fig, path)

@@ -142,7 +142,8 @@ class HierarchicalVAE(BaseVAE):
         _, _, zs, kls = self._infer(x, sample=True)
         distortion = self.likelihood.nll(self.decode(zs[0]), x)
         rates = torch.stack([kl.float() for kl in kls], dim=1)  # (B, L) nats
-        betas = torch.tensor(self.betas, device=rates.device, dtype=rates.dtype)
+        # as_tensor: also a (L,) tensor of betas, e.g. one per model under vmap (fit_grid)
+        betas = torch.as_tensor(self.betas, device=rates.device, dtype=rates.dtype)
         loss = (distortion + kl_weight * (rates * betas).sum(1)).mean()
         return ModelOutput(loss=loss, distortion=distortion, rate_bits=rates.sum(1) / LN2,
                            terms={"layer_rates_bits": rates / LN2})

@@ -68,6 +68,10 @@ class TrainConfig:
         seed: seeds the data order, the held-out split, and (for a fresh run) torch's, Python's
             and NumPy's global generators, which the model's sampling noise uses (each rank
             with its own seed derived from ``seed``).
+        model_seed: when given, seeds the global generators (the sampling noise) instead of
+            ``seed``, which then seeds only the data order and split; ``pyvae train`` also
+            seeds the initial weights with it. :func:`pyvae.train.fit_grid` trains model k of
+            a grid as ``fit`` with ``model_seed`` = that model's seed would.
         num_workers: DataLoader worker processes per rank.
         gather_global_batch: set ``model.gather_global_batch = True`` (models whose loss uses
             statistics of the whole batch, e.g. BetaTCVAE, then gather it across ranks).
@@ -110,6 +114,9 @@ class TrainConfig:
                "checkpoint yet; a missing or damaged checkpoint of a run that logged past it is "
                "an error)")
     seed: int = _setting(0, "seed of model initialisation, data order and noise", "S")
+    model_seed: int | None = _setting(
+        None, "seed of the initial weights (pyvae train) and the sampling noise instead of "
+              "--seed, which then seeds only the data order and split (default: --seed)", "S")
     num_workers: int = _setting(0, "DataLoader worker processes per process", "N")
     gather_global_batch: bool = _setting(
         False, "models with whole-batch statistics (BetaTCVAE) gather the batch of all "
@@ -127,6 +134,9 @@ class TrainConfig:
                 object.__setattr__(self, name, check_int("fit", name, getattr(self, name), 1))
         for name in ("lr_warmup_steps", "kl_warmup_steps", "seed", "num_workers"):
             object.__setattr__(self, name, check_int("fit", name, getattr(self, name), 0))
+        if self.model_seed is not None:
+            object.__setattr__(self, "model_seed", check_int("fit", "model_seed",
+                                                             self.model_seed, 0))
         for name, choices in [("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
                               ("kl_schedule", KL_SCHEDULES), ("precision", AUTOCAST_DTYPES)]:
             if getattr(self, name) not in choices:
@@ -149,6 +159,11 @@ class TrainConfig:
             raise ValueError(f"fit: grad_clip must be positive or None, got {self.grad_clip!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"fit: eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+
+    @property
+    def noise_seed(self) -> int:
+        """The seed of the sampling noise: ``model_seed``, else ``seed``."""
+        return self.seed if self.model_seed is None else self.model_seed
 
     def to_dict(self) -> dict:
         """The settings as JSON-ready values (``betas`` as a list), as ``config.json`` holds them."""

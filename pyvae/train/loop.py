@@ -248,6 +248,23 @@ def fit(model: BaseVAE, dataset: Dataset, config: TrainConfig | None = None, *,
         dist.close()
 
 
+def checkpointed_before(out_dir: Path, first_checkpoint_step: int) -> bool:
+    """Whether ``out_dir/metrics.jsonl`` has a record past the step of the run's first
+    checkpoint (the loop writes step N+1 only after the checkpoint of step N), i.e. a checkpoint
+    was published even though none is there now."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a torn last line
+        if isinstance(step, int) and step > first_checkpoint_step:
+            return True
+    return False
+
+
 class _Window:
     """Sums of the packed metrics of the steps since the last log record, and their time
     (seconds); saved in checkpoints so that the first record after a resume averages the same
@@ -345,21 +362,8 @@ class _Trainer:
                           persistent_workers=workers > 0, generator=generator)
 
     def _checkpointed_before(self) -> bool:
-        """Whether ``metrics.jsonl`` has a record past the step of this run's first checkpoint
-        (the loop writes step N+1 only after the checkpoint of step N), i.e. a checkpoint was
-        published even though none is there now."""
-        path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
-            return False
         first = min(self.config.checkpoint_every or self.end_step, self.end_step)
-        for line in path.read_text().splitlines():
-            try:
-                step = json.loads(line).get("step", 0)
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a torn last line
-            if isinstance(step, int) and step > first:
-                return True
-        return False
+        return checkpointed_before(self.out_dir, first)
 
     def _restore_or_start(self, model: BaseVAE) -> int:
         """Load ``out_dir/checkpoint`` (resume) or seed a fresh run; returns the start step.
@@ -371,7 +375,7 @@ class _Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.config.resume or not (os.path.lexists(link) or self._checkpointed_before()):
-            _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank))
+            _seed_everything(derived_seed(self.config.noise_seed, NOISE, self.dist.rank))
             return 0
         try:
             state = load_checkpoint(self.out_dir, model, scheduler=self.scheduler,
@@ -406,7 +410,8 @@ class _Trainer:
             warnings.warn(f"fit: the checkpoint was written by {len(state['rng'])} processes and "
                           f"this run has {self.dist.world_size}: the sampling noise is re-seeded, "
                           f"so the run will not equal an uninterrupted one")
-            _seed_everything(derived_seed(self.seed, NOISE, self.dist.rank, state["step"]))
+            _seed_everything(derived_seed(self.config.noise_seed, NOISE, self.dist.rank,
+                                          state["step"]))
         self.window = _Window.from_state(state.get("log_window"))
         return state["step"]
 
