@@ -666,6 +666,146 @@ at::Tensor masked_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
   return y;
 }
 
+// ---- backward ---------------------------------------------------------------------------------
+//
+// grad_x = cols(grad_y) · W over the adjoint taps and G = x^T · cols(grad_y), per class of pixels,
+// over the same work items as the forward. The work is cut into chunks, one G partial (and,
+// grouped, one grad_bias partial) per chunk, summed in chunk order, so the result does not
+// depend on the thread count.
+
+// What every chunk of one backward call reads.
+struct BackwardJob {
+  const Geometry& g;
+  const Plan& plan;
+  const std::vector<at::Tensor>& weights;  // per class, when grad_x is needed
+  at::TensorOptions acc_options;
+  int64_t K, Ci, Co, P;
+  bool need_x, need_w, need_bias;
+  at::Tensor grad_y_cl;  // blocked plans: grad_y in channels-last for the whole batch
+  Layout plain;          // grouped plans: the channels-last layout of grad_y's rows
+};
+
+// One thread's buffers, reused over its chunks. Grouped: a group's grad_y (channels-last), x and
+// grad_x (class-major); blocked: a block's x and grad_x.
+struct BackwardScratch {
+  at::Tensor cols, gy_rows, x_rows, gx_rows;
+  at::Tensor partial;                      // this chunk's G, (Ci, K)
+  std::vector<at::Tensor> class_partials;  // classes whose columns are not a range of G's
+
+  explicit BackwardScratch(const BackwardJob& job) {
+    const int64_t rows =
+        job.plan.grouped ? job.plan.items.front().count * job.P : block_pixels(job.g);
+    const at::TensorOptions& o = job.acc_options;
+    cols = at::empty({rows * job.K}, o);
+    if (job.plan.grouped) gy_rows = at::empty({rows, job.Co}, o);
+    if (job.need_w) x_rows = at::empty({rows, job.Ci}, o);
+    if (job.need_x) gx_rows = at::empty({rows, job.Ci}, o);
+  }
+};
+
+// Class c's GEMMs over the pixels v0 .. v0 + m - 1 of src (grad_y rows), with x and grad_x at
+// rows [row, row + m) of the scratch.
+template <typename acc_t>
+void class_backward(const BackwardJob& job, BackwardScratch& s, const acc_t* src, size_t c,
+                    int64_t v0, int64_t m, int64_t row) {
+  const Class& cls = job.plan.classes[c];
+  const Geometry& g = job.g;
+  const int64_t Kc = cls.taps * job.Co + g.centre_out();
+  if (Kc == 0) {
+    if (job.need_x) s.gx_rows.narrow(0, row, m).zero_();
+    return;
+  }
+  at::Tensor cols_now = matrix(s.cols, m, Kc);
+  gather(src, job.Co, g, cls, g.centre_out_begin(), g.centre_out(), v0, m,
+         cols_now.mutable_data_ptr<acc_t>());
+  if (job.need_x) {
+    at::Tensor out = s.gx_rows.narrow(0, row, m);
+    matmul(out, cols_now, job.weights[c], /*accumulate=*/false);
+  }
+  if (job.need_w) {
+    if (cls.first < 0 && !s.class_partials[c].defined()) {
+      s.class_partials[c] = at::zeros({job.Ci, Kc}, job.acc_options);
+    }
+    at::Tensor target =
+        cls.first >= 0 ? s.partial.narrow(1, cls.first * job.Co, Kc) : s.class_partials[c];
+    matmul(target, s.x_rows.narrow(0, row, m).t(), cols_now, /*accumulate=*/true);
+  }
+}
+
+// A grouped item: whole images n0 .. n0 + count - 1, every class; adds their grad_y sums to
+// bias_partial when the bias gradient is needed.
+template <typename scalar_t>
+void grouped_item_backward(const BackwardJob& job, BackwardScratch& s, const Item& item,
+                           const scalar_t* x_data, const scalar_t* gy_data, scalar_t* gx_data,
+                           at::Tensor& bias_partial) {
+  using acc_t = accumulation_t<scalar_t>;
+  const acc_t* none = nullptr;
+  const int64_t n0 = item.begin, images = item.count, Ci = job.Ci, Co = job.Co, P = job.P;
+  acc_t* gyr = s.gy_rows.mutable_data_ptr<acc_t>();
+  transpose_images<true>(gy_data + n0 * Co * P, gyr, images, Co, P, job.plain, none);
+  if (job.need_bias) {
+    const at::Tensor sum = s.gy_rows.narrow(0, 0, images * P).sum(0);
+    bias_partial = bias_partial.defined() ? bias_partial.add_(sum) : sum;
+  }
+  if (job.need_w) {
+    transpose_images<true>(x_data + n0 * Ci * P, s.x_rows.mutable_data_ptr<acc_t>(), images, Ci,
+                           P, job.plan.layout, none);
+  }
+  for (size_t c = 0; c < job.plan.classes.size(); ++c) {
+    const Class& cls = job.plan.classes[c];
+    const int64_t m = images * cls.pixels();
+    if (m > 0) class_backward(job, s, gyr, c, 0, m, images * cls.start);
+  }
+  if (job.need_x) {
+    transpose_images<false>(gx_data + n0 * Ci * P, s.gx_rows.const_data_ptr<acc_t>(), images, Ci,
+                            P, job.plan.layout, none);
+  }
+}
+
+// A blocked item: a block of pixels of one class, over the whole batch.
+template <typename scalar_t>
+void blocked_item_backward(const BackwardJob& job, BackwardScratch& s, const Item& item,
+                           const scalar_t* x_data, scalar_t* gx_data) {
+  using acc_t = accumulation_t<scalar_t>;
+  const acc_t* none = nullptr;
+  const size_t c = static_cast<size_t>(item.cls);
+  const Class& cls = job.plan.classes[c];
+  if (job.need_w) {
+    transpose_item<true>(x_data, s.x_rows.mutable_data_ptr<acc_t>(), job.Ci, job.g, cls,
+                         item.begin, item.count, none);
+  }
+  class_backward(job, s, job.grad_y_cl.const_data_ptr<acc_t>(), c, item.begin, item.count, 0);
+  if (job.need_x) {
+    transpose_item<false>(gx_data, s.gx_rows.const_data_ptr<acc_t>(), job.Ci, job.g, cls,
+                          item.begin, item.count, none);
+  }
+}
+
+// The items of one chunk; returns its G partial (undefined when G is not needed).
+template <typename scalar_t>
+at::Tensor chunk_backward(const BackwardJob& job, BackwardScratch& s, int64_t chunk,
+                          const scalar_t* x_data, const scalar_t* gy_data, scalar_t* gx_data,
+                          at::Tensor& bias_partial) {
+  s.partial = job.need_w ? at::zeros({job.Ci, job.K}, job.acc_options) : at::Tensor();
+  s.class_partials.assign(job.plan.classes.size(), at::Tensor());
+  const size_t first = job.plan.chunks[static_cast<size_t>(chunk)];
+  const size_t last = job.plan.chunks[static_cast<size_t>(chunk) + 1];
+  for (size_t i = first; i < last; ++i) {
+    if (job.plan.grouped) {
+      grouped_item_backward(job, s, job.plan.items[i], x_data, gy_data, gx_data, bias_partial);
+    } else {
+      blocked_item_backward(job, s, job.plan.items[i], x_data, gx_data);
+    }
+  }
+  for (size_t c = 0; c < s.class_partials.size(); ++c) {
+    if (s.class_partials[c].defined()) {
+      add_class_gradient(s.partial, s.class_partials[c], job.plan.classes[c], job.Co,
+                         job.g.adjoint.size(), job.g.centre_out());
+    }
+  }
+  return s.partial;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, int64_t mask_type,
     int64_t color_channels, int64_t dilation, std::array<bool, 3> output_mask) {
@@ -674,7 +814,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
   const at::ScalarType dtype = x.scalar_type();
   const at::ScalarType acc = accumulation_dtype(dtype);
   const at::TensorOptions acc_options = x.options().dtype(acc);
-  const int64_t K = g.columns_g(), Ci = g.in_channels, Co = g.out_channels, P = g.pixels();
+  const int64_t K = g.columns_g(), Ci = g.in_channels, Co = g.out_channels;
   const bool work = x.numel() != 0 && K > 0;
   const bool need_x = output_mask[0] && work, need_w = output_mask[1] && work;
   at::Tensor grad_x = !output_mask[0] ? at::empty({0}, x.options())
@@ -694,109 +834,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
         weights.push_back(class_weight(packed, cls, Co, g.adjoint.size(), g.centre_out()));
       }
     }
-    // Blocked: grad_y in channels-last for the whole batch (also summed for grad_bias).
-    const at::Tensor grad_y_cl = plan.grouped ? at::Tensor() : channels_last(grad_y, acc);
-    if (output_mask[2] && !plan.grouped) grad_bias = grad_y_cl.sum(0);
-    const int64_t block = block_pixels(g);
-    const int64_t group = plan.grouped ? plan.items.front().count : 0;
-    const Layout plain = channels_last_layout(P);
-    // One G partial (and, grouped, grad_bias partial) per chunk, summed in order below.
+    const BackwardJob job{g, plan, weights, acc_options, K, Ci, Co, g.pixels(), need_x, need_w,
+                          output_mask[2],
+                          plan.grouped ? at::Tensor() : channels_last(grad_y, acc),
+                          channels_last_layout(g.pixels())};
+    if (output_mask[2] && !plan.grouped) grad_bias = job.grad_y_cl.sum(0);
     std::vector<at::Tensor> partials(static_cast<size_t>(chunks));
     std::vector<at::Tensor> bias_partials(static_cast<size_t>(chunks));
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "masked_conv2d_backward_cpu", [&] {
-          using acc_t = accumulation_t<scalar_t>;
           const scalar_t* x_data = x.const_data_ptr<scalar_t>();
           const scalar_t* gy_data = grad_y.const_data_ptr<scalar_t>();
           scalar_t* gx_data = need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-          const acc_t* none = nullptr;
           at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
             // Pool threads do not inherit the caller's dispatch state; nothing here needs
             // autograd.
             const at::AutoDispatchBelowADInplaceOrView below_autograd;
-            // Grouped: the group's grad_y (channels-last), x and grad_x (class-major); blocked:
-            // a block's x and grad_x.
-            const int64_t rows = plan.grouped ? group * P : block;
-            const at::Tensor cols = at::empty({rows * K}, acc_options);
-            const at::Tensor gy_rows =
-                plan.grouped ? at::empty({rows, Co}, acc_options) : at::Tensor();
-            const at::Tensor x_rows = need_w ? at::empty({rows, Ci}, acc_options) : at::Tensor();
-            const at::Tensor gx_rows = need_x ? at::empty({rows, Ci}, acc_options) : at::Tensor();
+            BackwardScratch scratch(job);
             for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-              at::Tensor partial = need_w ? at::zeros({Ci, K}, acc_options) : at::Tensor();
-              // Classes whose columns are not a range of G's accumulate apart.
-              std::vector<at::Tensor> class_partials(plan.classes.size());
-              // The class's GEMMs over the pixels v0 .. v0 + m - 1 of src, with x and grad_x at
-              // rows [row, row + m).
-              const auto compute = [&](const acc_t* src, size_t c, int64_t v0, int64_t m,
-                                       int64_t row) {
-                const Class& cls = plan.classes[c];
-                const int64_t Kc = cls.taps * Co + g.centre_out();
-                if (Kc == 0) {
-                  if (need_x) gx_rows.narrow(0, row, m).zero_();
-                  return;
-                }
-                at::Tensor cols_now = matrix(cols, m, Kc);
-                gather(src, Co, g, cls, g.centre_out_begin(), g.centre_out(), v0, m,
-                       cols_now.mutable_data_ptr<acc_t>());
-                if (need_x) {
-                  at::Tensor out = gx_rows.narrow(0, row, m);
-                  matmul(out, cols_now, weights[c], /*accumulate=*/false);
-                }
-                if (need_w) {
-                  if (cls.first < 0 && !class_partials[c].defined()) {
-                    class_partials[c] = at::zeros({Ci, Kc}, acc_options);
-                  }
-                  matmul(cls.first >= 0 ? partial.narrow(1, cls.first * Co, Kc) : class_partials[c],
-                         x_rows.narrow(0, row, m).t(), cols_now, /*accumulate=*/true);
-                }
-              };
-              for (size_t i = plan.chunks[static_cast<size_t>(chunk)];
-                   i < plan.chunks[static_cast<size_t>(chunk) + 1]; ++i) {
-                const Item& item = plan.items[i];
-                if (plan.grouped) {
-                  const int64_t n0 = item.begin, images = item.count;
-                  acc_t* gyr = gy_rows.mutable_data_ptr<acc_t>();
-                  transpose_images<true>(gy_data + n0 * Co * P, gyr, images, Co, P, plain, none);
-                  if (output_mask[2]) {
-                    const at::Tensor sum = gy_rows.narrow(0, 0, images * P).sum(0);
-                    at::Tensor& b = bias_partials[static_cast<size_t>(chunk)];
-                    b = b.defined() ? b.add_(sum) : sum;
-                  }
-                  if (need_w) {
-                    transpose_images<true>(x_data + n0 * Ci * P, x_rows.mutable_data_ptr<acc_t>(),
-                                           images, Ci, P, plan.layout, none);
-                  }
-                  for (size_t c = 0; c < plan.classes.size(); ++c) {
-                    const Class& cls = plan.classes[c];
-                    const int64_t m = images * cls.pixels();
-                    if (m > 0) compute(gyr, c, 0, m, images * cls.start);
-                  }
-                  if (need_x) {
-                    transpose_images<false>(gx_data + n0 * Ci * P, gx_rows.const_data_ptr<acc_t>(),
-                                            images, Ci, P, plan.layout, none);
-                  }
-                } else {
-                  const size_t c = static_cast<size_t>(item.cls);
-                  const Class& cls = plan.classes[c];
-                  if (need_w) {
-                    transpose_item<true>(x_data, x_rows.mutable_data_ptr<acc_t>(), Ci, g, cls,
-                                         item.begin, item.count, none);
-                  }
-                  compute(grad_y_cl.const_data_ptr<acc_t>(), c, item.begin, item.count, 0);
-                  if (need_x) {
-                    transpose_item<false>(gx_data, gx_rows.const_data_ptr<acc_t>(), Ci, g, cls,
-                                          item.begin, item.count, none);
-                  }
-                }
-              }
-              for (size_t c = 0; c < class_partials.size(); ++c) {
-                if (class_partials[c].defined()) {
-                  add_class_gradient(partial, class_partials[c], plan.classes[c], Co,
-                                     g.adjoint.size(), g.centre_out());
-                }
-              }
-              if (need_w) partials[static_cast<size_t>(chunk)] = partial;
+              const size_t k = static_cast<size_t>(chunk);
+              at::Tensor partial = chunk_backward(job, scratch, chunk, x_data, gy_data, gx_data,
+                                                  bias_partials[k]);
+              if (need_w) partials[k] = partial;
             }
           });
         });
