@@ -324,15 +324,16 @@ def ring_of(offsets) -> np.ndarray:
 
 def ring_profile(offsets, pmi: np.ndarray) -> list[dict]:
     """Mean PMI by the Euclidean distance between the area centres (offsets rounded to whole
-    pixels of distance): per ring ``distance``, ``offsets`` (how many), ``mean`` and ``se`` (the
-    standard error over the ring's anchor–offset pairs, nats)."""
+    pixels of distance): per ring ``distance``, ``offsets`` (how many), ``mean`` and ``se``.
+    The pairs of one anchor are not independent, so ``se`` is the standard error over the
+    anchors of each anchor's mean over the ring's offsets (nats)."""
     distance = ring_of(offsets)
     rings = []
     for d in np.unique(distance):
-        values = pmi[distance == d].ravel()
+        per_anchor = pmi[distance == d].mean(axis=0)
         rings.append({"distance": int(d), "offsets": int((distance == d).sum()),
-                      "mean": float(values.mean()),
-                      "se": float(values.std(ddof=1) / math.sqrt(len(values)))})
+                      "mean": float(per_anchor.mean()),
+                      "se": float(per_anchor.std(ddof=1) / math.sqrt(len(per_anchor)))})
     return rings
 
 
@@ -352,18 +353,20 @@ def symmetry_gap(offsets, mean_pmi: np.ndarray) -> float:
 
 
 def edge_contrast(estimate: PMIEstimate, offsets, area: int, quantile: float) -> dict:
-    """PMI of touching pairs (the nearest ring: max(|dy|, |dx|) = area, one side shared) split by
-    the pair's edge strength (mean of a's and b's): the mean PMI of the top and bottom
-    ``quantile`` and the Spearman correlation of PMI with edge strength."""
+    """PMI of each anchor with its touching partners (offsets (0, ±k), (±k, 0): one side
+    shared), averaged per anchor so that the anchors are independent samples, against the edge
+    strength of that neighbourhood (mean :func:`edge_strength` of a and the partners): the mean
+    PMI of the top and bottom ``quantile`` of anchors by edge strength, the standard error of
+    their difference and the Spearman correlation of PMI with edge strength."""
     touching = np.array([max(abs(dy), abs(dx)) == area and min(abs(dy), abs(dx)) == 0
                          for dy, dx in offsets])
-    pmi = estimate.pmi[touching].ravel()
-    edges = ((estimate.edges_a[None] + estimate.edges_b[touching]) / 2).ravel()
+    pmi = estimate.pmi[touching].mean(axis=0)
+    edges = (estimate.edges_a + estimate.edges_b[touching].sum(axis=0)) / (1 + touching.sum())
     low, high = np.quantile(edges, [quantile, 1 - quantile])
     flat, edgy = pmi[edges <= low], pmi[edges >= high]
     rho, p_value = scipy.stats.spearmanr(edges, pmi)
     se = math.sqrt(flat.var(ddof=1) / len(flat) + edgy.var(ddof=1) / len(edgy))
-    return {"pairs": int(len(pmi)), "flat_mean": float(flat.mean()),
+    return {"anchors": int(len(pmi)), "flat_mean": float(flat.mean()),
             "edge_mean": float(edgy.mean()), "difference_se": se,
             "spearman": float(rho), "p_value": float(p_value)}
 
@@ -400,8 +403,8 @@ def judge(trend: dict, rings: list[dict], edges: dict) -> tuple[bool | None, str
             f"between centre distance and per-offset mean PMI = {trend['spearman']:.2f} "
             f"(p = {trend['p_value']:.1g}); mean PMI {near['mean']:.2f} ± {near['se']:.2f} nats at "
             f"distance {near['distance']} against {far['mean']:.2f} ± {far['se']:.2f} at "
-            f"distance {far['distance']}. Touching pairs with strong edges share "
-            f"{compared} information than flat ones: "
+            f"distance {far['distance']}. Anchors with strong edges share "
+            f"{compared} information with their touching neighbours than flat ones: "
             f"{edges['edge_mean']:.2f} against {edges['flat_mean']:.2f} nats "
             f"(difference ± {edges['difference_se']:.2f}; Spearman ρ of PMI with edge strength "
             f"{edges['spearman']:.2f}).")
@@ -477,10 +480,12 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
          ["the same in bits/dim", marginal / (dims * LN2)],
          ["Spearman ρ(distance, mean PMI per offset)", trend["spearman"]],
          ["its p-value", trend["p_value"]],
-         ["touching pairs, mean PMI of the flattest quarter (nats)", edges["flat_mean"]],
-         ["touching pairs, mean PMI of the edgiest quarter (nats)", edges["edge_mean"]],
+         ["PMI with the touching partners, flattest quarter of anchors (nats)",
+          edges["flat_mean"]],
+         ["PMI with the touching partners, edgiest quarter of anchors (nats)",
+          edges["edge_mean"]],
          ["standard error of that difference (nats)", edges["difference_se"]],
-         ["Spearman ρ(edge strength, PMI), touching pairs", edges["spearman"]],
+         ["Spearman ρ(edge strength, PMI with the touching partners)", edges["spearman"]],
          ["symmetry gap: mean |PMI(o) − PMI(−o)| (nats)", gap],
          ["smallest per-offset mean PMI (nats)", float(mean_pmi.min())]])
     notes = [
@@ -504,9 +509,12 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
         f"of width {c['cond_hidden']}; {c['steps']} AdamW steps (lr {c['lr']}, cosine decay) of "
         f"{c['batch_size']} fresh random pairs, offsets drawn uniformly.",
         "Criteria (stated before the run): distance — Spearman ρ < 0 with p < 0.01 and the "
-        "nearest ring above the farthest by more than 2 standard errors; edges — among touching "
-        f"pairs, the top {c['edge_quantile']:.0%} by edge strength (mean absolute neighbour "
-        f"difference) above the bottom {c['edge_quantile']:.0%} by more than 2 standard errors. "
+        "nearest ring above the farthest by more than 2 standard errors (over anchors); edges — "
+        "each anchor's mean PMI with its 4 touching partners, the top "
+        f"{c['edge_quantile']:.0%} of anchors by edge strength (mean absolute neighbour "
+        f"difference in a and the partners) above the bottom {c['edge_quantile']:.0%} by more "
+        "than 2 standard errors. Edge strength does not tell edges from texture, which the "
+        "seed's statement contrasts. "
         "Held = both, mixed = one. PMI estimates are differences of two model cross entropies, "
         "not bounds: a negative mean at some offset is estimation error.",
     ]
