@@ -136,17 +136,16 @@ def gaussian_batch(cov: torch.Tensor, batch: int, s2: float, generator: torch.Ge
 
 # ---- the experiment ---------------------------------------------------------------------------
 
-def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
-    c = config
-    shapes = Shapes2D(size=c["train_size"], seed=seed)
-    images = downsample(Shapes2D.render(shapes.factors), c["image_size"])
-    data = TensorImages(to_uint8(images))
-    n = len(data)
-    x_all = data.all()
+# ---- the experiment ----------------------------------------------------------------------------
 
+MODEL_KINDS = ("β-VAE", "β-TCVAE")
+
+
+def _train_models(c: dict, data, n: int, *, device, seed: int, work_dir) -> list[dict]:
+    """A β-VAE and a β-TCVAE (α = γ = 1, MSS) for each β, all from the same initial weights."""
     models = []
     for beta in c["betas"]:
-        for kind in ("β-VAE", "β-TCVAE"):
+        for kind in MODEL_KINDS:
             seed_everything(seed)
             if kind == "β-VAE":
                 model = VAE(c["latent_dim"], 1, c["image_size"], beta=beta, hidden=c["hidden"])
@@ -159,11 +158,13 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
                          device=device, seed=seed)
             models.append({"kind": kind, "beta": beta, "model": model,
                            "seconds": round(run_.seconds, 1)})
+    return models
 
-    generator = torch.Generator().manual_seed(seed)
-    rows_t1, rows_tc, bias = [], [], {}
-    estimators = [("exact", None)] + [(f"{e.upper()} M={m}", (e, m)) for e in ("mss", "mws")
-                                      for m in c["eval_batches"]]
+
+def _estimate_terms(models: list[dict], x_all, estimators, n: int, *, device, seed: int,
+                    generator: torch.Generator) -> None:
+    """Each model's distortion and KL on the N images, and the decomposition of one sample per
+    image by every estimator (stored in each entry's ``estimates``)."""
     for entry in models:
         model = entry["model"]
         scores = evaluate(model, x_all, device=device, seed=seed)
@@ -177,9 +178,16 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
                 estimator, m = spec
                 entry["estimates"][label] = minibatch_terms(z, mu, logvar, min(m, n), estimator,
                                                            n, seed)
-        exact = entry["estimates"]["exact"]
         entry["distortion"] = scores["distortion"]
         entry["kl_nats"] = scores["rate_bits"] * math.log(2)
+
+
+def _model_tables(models: list[dict], estimators, n: int) -> tuple[list[Table], dict]:
+    """Table 1's analogue, the TC by estimator, and each estimator's bias against the exact
+    terms (returned too: label -> term -> per-model differences)."""
+    rows_t1, rows_tc, bias = [], [], {}
+    for entry in models:
+        exact = entry["estimates"]["exact"]
         name = f"{entry['kind']} β={entry['beta']:g}"
         rows_t1.append([name, entry["distortion"], entry["kl_nats"], exact["mi"], exact["tc"],
                         exact["dim_kl"], exact["mi"] + exact["tc"] + exact["dim_kl"]])
@@ -188,7 +196,6 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
             for key in ("mi", "tc", "dim_kl"):
                 bias.setdefault(label, {}).setdefault(key, []).append(
                     entry["estimates"][label][key] - exact[key])
-
     table1 = Table(
         "Table 1 analogue (2-D shapes, all N training images): reconstruction and KL from the "
         "model, and the KL's decomposition under the exact aggregate posterior (nats)",
@@ -205,8 +212,12 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
         f"Estimator bias: estimate − exact, averaged over the {len(models)} models (nats)",
         ["estimator", "MI bias", "TC bias", "DW-KL bias", "max |TC bias|"], rows_bias,
         [None, ".3f", ".3f", ".3f", ".3f"])
+    return [table1, table2, table3], bias
 
-    # The known Gaussian.
+
+def _known_gaussian(c: dict, generator: torch.Generator) -> tuple[Table, float, dict]:
+    """MSS and MWS TC estimates of a Gaussian aggregate posterior with a closed-form TC, by
+    batch size: the table, the closed form and the mean estimates per estimator."""
     cov = torch.tensor(GAUSSIAN_COV, dtype=torch.float64)
     closed = gaussian_tc_closed_form(cov.numpy())
     gaussian_n = 10 ** 6
@@ -222,18 +233,22 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
             gauss[estimator].append(float(np.mean(values)))
             row += [float(np.mean(values)), float(np.std(values))]
         rows_g.append(row)
-    table4 = Table(
+    table = Table(
         f"Known Gaussian (D = 4, posteriors N(μ_j, 0.1·I), N = 10⁶): TC estimates against the "
         f"closed form, mean and std over {c['gaussian_repeats']} batches (nats)",
         ["batch M", "closed form", "MSS mean", "MSS std", "MWS mean", "MWS std"], rows_g,
         [None, ".3f", ".3f", ".3f", ".2f", ".2f"])
+    return table, closed, gauss
 
-    # Verdicts.
+
+def _verdict(c: dict, models: list[dict], estimators, bias: dict, n: int, closed: float,
+             gauss: dict) -> tuple[bool, str]:
+    """Whether the seed's Table 1 trend held, and the finding in words."""
     by = {(e["kind"], e["beta"]): e for e in models}
     betas = c["betas"]
     trend = all(by[(k, betas[i])]["distortion"] < by[(k, betas[i + 1])]["distortion"]
                 and by[(k, betas[i])]["kl_nats"] > by[(k, betas[i + 1])]["kl_nats"]
-                for k in ("β-VAE", "β-TCVAE") for i in range(len(betas) - 1))
+                for k in MODEL_KINDS for i in range(len(betas) - 1))
     lower_tc = [b for b in betas if b > 1 and by[("β-TCVAE", b)]["estimates"]["exact"]["tc"]
                 < by[("β-VAE", b)]["estimates"]["exact"]["tc"]]
     big = [b for b in betas if b > 1]
@@ -269,8 +284,13 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     else:
         finding += ("No TC estimate here is negative, unlike all of the seed's (−61 to −77 "
                     "nats), which points to an implementation error there.")
-    held = trend
+    return trend, finding
 
+
+def _pictures(out, c: dict, models: list[dict], n: int, closed: float,
+              gauss: dict) -> list[tuple[str, str]]:
+    """The three PNGs (file name, caption): the known Gaussian, the estimators' bias on the
+    trained models, and the decomposition against β."""
     pictures = []
     save_lines(out / "estimators_gaussian.png", c["gaussian_batches"],
                {"MSS": gauss["mss"], "MWS": gauss["mws"]}, xlabel="batch size M",
@@ -279,44 +299,42 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     pictures.append(("estimators_gaussian.png", "TC of a 4-D Gaussian aggregate posterior "
                                                 "estimated by MSS and MWS against its closed "
                                                 "form, by batch size."))
+
+    def bias_series(estimator: str, key: str) -> dict:
+        return {f"{e['kind']} β={e['beta']:g}": [
+            e["estimates"][f"{estimator} M={m}"][key] - e["estimates"]["exact"][key]
+            for m in c["eval_batches"]] for e in models}
+
     batches = [min(m, n) for m in c["eval_batches"]]
-    panels = []
-    for key, name in (("tc", "TC"), ("mi", "MI"), ("dim_kl", "DW-KL")):
-        series = {}
-        for entry in models:
-            label = f"{entry['kind']} β={entry['beta']:g}"
-            series[label] = [entry["estimates"][f"MSS M={m}"][key] - entry[
-                "estimates"]["exact"][key] for m in c["eval_batches"]]
-        panels.append(dict(series=series, title=f"{name}: MSS − exact",
-                           hlines={"exact": 0.0}, x=batches))
-    mws_series = {}
-    for entry in models:
-        label = f"{entry['kind']} β={entry['beta']:g}"
-        mws_series[f"{label}"] = [entry["estimates"][f"MWS M={m}"]["tc"] - entry["estimates"][
-            "exact"]["tc"] for m in c["eval_batches"]]
-    panels.append(dict(series=mws_series, title="TC: MWS − exact", hlines={"exact": 0.0},
-                       x=batches))
+    panels = [dict(series=bias_series("MSS", key), title=f"{name}: MSS − exact",
+                   hlines={"exact": 0.0}, x=batches)
+              for key, name in (("tc", "TC"), ("mi", "MI"), ("dim_kl", "DW-KL"))]
+    panels.append(dict(series=bias_series("MWS", "tc"), title="TC: MWS − exact",
+                       hlines={"exact": 0.0}, x=batches))
     save_lines(out / "estimator_bias_models.png", batches, {}, xlabel="batch size M",
                ylabel="estimate − exact (nats)", logx=True, panels=panels,
                title="bias of the minibatch estimators on the trained models")
     pictures.append(("estimator_bias_models.png", "Estimate − exact for the six trained models: "
                                                   "MSS for MI, TC and DW-KL, and MWS for TC (note "
                                                   "the scale), by batch size."))
-    tc_exact = {kind: [by[(kind, b)]["estimates"]["exact"]["tc"] for b in betas]
-                for kind in ("β-VAE", "β-TCVAE")}
-    mi_exact = {kind: [by[(kind, b)]["estimates"]["exact"]["mi"] for b in betas]
-                for kind in ("β-VAE", "β-TCVAE")}
-    dw_exact = {kind: [by[(kind, b)]["estimates"]["exact"]["dim_kl"] for b in betas]
-                for kind in ("β-VAE", "β-TCVAE")}
-    save_lines(out / "decomposition.png", betas, {}, xlabel="β", ylabel="nats",
-               panels=[dict(series=mi_exact, title="MI (exact)"),
-                       dict(series=tc_exact, title="TC (exact)"),
-                       dict(series=dw_exact, title="DW-KL (exact)")],
+    by = {(e["kind"], e["beta"]): e for e in models}
+
+    def exact_series(key: str) -> dict:
+        return {kind: [by[(kind, b)]["estimates"]["exact"][key] for b in c["betas"]]
+                for kind in MODEL_KINDS}
+
+    save_lines(out / "decomposition.png", c["betas"], {}, xlabel="β", ylabel="nats",
+               panels=[dict(series=exact_series("mi"), title="MI (exact)"),
+                       dict(series=exact_series("tc"), title="TC (exact)"),
+                       dict(series=exact_series("dim_kl"), title="DW-KL (exact)")],
                title="the KL decomposition against β")
     pictures.append(("decomposition.png", "MI, TC and dimension-wise KL (exact aggregate "
                                           "posterior) against β for both models."))
+    return pictures
 
-    notes = [
+
+def _notes(c: dict, n: int) -> list[str]:
+    return [
         f"Data: {n} shapes of pyvae.data.Shapes2D (a random subset of all factor combinations), "
         f"rendered at 64×64 and average-pooled to {c['image_size']}×{c['image_size']}; Bernoulli "
         f"likelihood. The seed used Stanford Dogs at 64×64 RGB.",
@@ -334,9 +352,28 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
         "Known Gaussian: posteriors N(μ_j, 0.1·I) with μ_j ~ N(0, Σ − 0.1·I) from a data set of "
         "N = 10⁶, so q(z) = N(0, Σ) and TC = ½ Σ_d log Σ_dd − ½ log det Σ.",
     ]
+
+
+def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
+    c = config
+    shapes = Shapes2D(size=c["train_size"], seed=seed)
+    images = downsample(Shapes2D.render(shapes.factors), c["image_size"])
+    data = TensorImages(to_uint8(images))
+    n = len(data)
+    models = _train_models(c, data, n, device=device, seed=seed, work_dir=work_dir)
+    # One generator for the samples of the models, then for the known Gaussian's batches.
+    generator = torch.Generator().manual_seed(seed)
+    estimators = [("exact", None)] + [(f"{e.upper()} M={m}", (e, m)) for e in ("mss", "mws")
+                                      for m in c["eval_batches"]]
+    _estimate_terms(models, data.all(), estimators, n, device=device, seed=seed,
+                    generator=generator)
+    tables, bias = _model_tables(models, estimators, n)
+    gaussian_table, closed, gauss = _known_gaussian(c, generator)
+    held, finding = _verdict(c, models, estimators, bias, n, closed, gauss)
+    pictures = _pictures(out, c, models, n, closed, gauss)
     data = {"models": [{k: v for k, v in e.items() if k != "model"} for e in models],
             "gaussian": {"closed_form_tc": closed, "batches": c["gaussian_batches"],
                          "mss_tc": gauss["mss"], "mws_tc": gauss["mws"],
                          "covariance": GAUSSIAN_COV},
             "estimator_bias": bias}
-    return Report([table1, table2, table3, table4], held, finding, pictures, notes, data)
+    return Report(tables + [gaussian_table], held, finding, pictures, _notes(c, n), data)
