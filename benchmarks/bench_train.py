@@ -64,3 +64,64 @@ def test_train_step(benchmark, name, make, shape, impl):
           warmup=3 if impl == "compile" else 1, op="train_step", impl=impl,
           shape=f"{name} B{shape[0]}", dtype="float32", mode="forward+backward+AdamW",
           items=shape[0])
+
+
+# ---- model-batched training (issue 17): a K=16 grid against 16 sequential fits ----------------
+
+GRID_MODELS, GRID_STEPS, GRID_BATCH = 16, 6, 64
+
+
+class _BinaryImages(torch.utils.data.Dataset):
+    """Random binary 64x64 images (the throughput does not depend on their content)."""
+
+    def __init__(self, n: int):
+        self.images = (torch.rand(n, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+                       < 0.3).float()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def _seconds_per_step(records) -> float:
+    """Mean seconds per step of a run's training records after the first (the warm-up steps
+    1-2), from their ``images_per_s`` (examples of the one shared batch per second)."""
+    later = [r for r in records if r["step"] > 2]
+    return sum(GRID_BATCH / r["images_per_s"] for r in later) / len(later)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_grid_vs_sequential_fits(benchmark, tmp_path, backend):
+    """models·steps/s of fit_grid on K=16 MLP VAEs (2-D shapes size, hidden 1200, D=10) and of
+    16 sequential fits of the same models, same run; the first 2 steps of every run are
+    warm-up and not counted, checkpoints are excluded (the runs' own throughput records)."""
+    from pyvae.train import fit, fit_grid, read_metrics
+    data = _BinaryImages(GRID_BATCH * GRID_STEPS)
+    grid = [{"beta": 2.0 ** (k / 2 - 2)} for k in range(GRID_MODELS)]
+    settings = dict(steps=GRID_STEPS, batch_size=GRID_BATCH, log_every=2, checkpoint_every=None,
+                    progress=False)
+
+    def make_model(beta):
+        return models.VAE(10, 1, 64, beta=beta, architecture="mlp")
+
+    with use_backend(backend):
+        fit_grid(make_model, grid, data, out_dir=tmp_path / "grid", **settings)
+        grid_seconds = _seconds_per_step(
+            [r for r in read_metrics(tmp_path / "grid") if r["model"] == 0])
+        sequential_seconds = 0.0
+        for k, point in enumerate(grid):
+            torch.manual_seed(0)
+            fit(make_model(**point), data, out_dir=tmp_path / f"fit{k}", **settings)
+            sequential_seconds += _seconds_per_step(read_metrics(tmp_path / f"fit{k}"))
+    grid_rate = GRID_MODELS / grid_seconds
+    sequential_rate = GRID_MODELS / sequential_seconds
+    benchmark.extra_info.update(
+        op="train_grid", impl=backend, device=DEVICE, dtype="float32",
+        shape=f"{GRID_MODELS} x VAE mlp 64x64 D10 B{GRID_BATCH}",
+        mode="forward+backward+AdamW", grid_model_steps_per_s=grid_rate,
+        sequential_model_steps_per_s=sequential_rate, speedup=grid_rate / sequential_rate)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\n{backend}: grid {grid_rate:.2f} model·steps/s, 16 sequential fits "
+          f"{sequential_rate:.2f} model·steps/s, ratio {grid_rate / sequential_rate:.2f}x")

@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from pyvae._device import AUTOCAST_DTYPES
 from pyvae._io import exclusive_lock, write_text_atomic
-from pyvae.models import BaseVAE
+from pyvae.models import BaseVAE, build_model
 from pyvae.train.checkpoint import (CONFIG, LINK, WEIGHTS, MissingCheckpointError,
                                     checkpoint_dir, load_checkpoint, remove_stale_checkpoints,
                                     save_checkpoint)
@@ -230,9 +230,17 @@ def _varied_hyperparameters(models: list[BaseVAE], grid: list[dict], device: tor
 
 # ---- per-model noise -------------------------------------------------------------------------
 
+def _is_seed_draw(func, args, kwargs) -> bool:
+    """Whether a call is the noise-seed draw of pyvae's ops: ``torch.randint(low, high, (1,),
+    dtype=torch.int64)`` from the default generator."""
+    return (func is torch.randint and kwargs.get("generator") is None and len(args) == 3
+            and tuple(args[2]) == (1,) and kwargs.get("dtype") == torch.int64)
+
+
 class _SeedFeed(TorchFunctionMode):
-    """Answers the model's ``torch.randint`` calls that use the default generator with the
-    next of ``seeds`` (each a batched (1,) int64 under vmap: one value per model)."""
+    """Answers the model's noise-seed draws (:func:`_is_seed_draw`) with the next of ``seeds``
+    (each a batched (1,) int64 under vmap: one value per model); ``seeds=None`` only counts
+    them. Any other random call reaches vmap, which refuses it."""
 
     def __init__(self, seeds: torch.Tensor | None):
         super().__init__()
@@ -240,8 +248,8 @@ class _SeedFeed(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.randint and kwargs.get("generator") is None:
-            if self.seeds is None:  # counting the draws (see _count_seed_draws)
+        if _is_seed_draw(func, args, kwargs):
+            if self.seeds is None:  # counting the draws (_count_seed_draws)
                 self.used += 1
                 return func(*args, **kwargs)
             if self.used == len(self.seeds):
@@ -579,9 +587,10 @@ class _GridTrainer:
 
     def export(self, k: int) -> BaseVAE:
         """Model k as a model of its own (its slice of every stacked tensor), on the CPU."""
-        from pyvae.models import build_model
-        model = build_model(self.configs[k])
-        model.load_state_dict({name: p[k].detach().cpu() for name, p in self.params.items()})
+        with torch.device("meta"):  # no initialisation: every tensor is assigned below
+            model = build_model(self.configs[k])
+        model.load_state_dict({name: p[k].detach().cpu().clone()
+                               for name, p in self.params.items()}, assign=True)
         return model
 
     # ---- the loop ------------------------------------------------------------------------
