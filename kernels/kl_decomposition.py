@@ -8,7 +8,9 @@ the forward computes
     log_qz[i]          = logsumexp_j (lw_ij + sum_d ell_ijd)      (B,)
     lse_marginal[i, d] = logsumexp_j (lw_ij + ell_ijd)            (B, D)
 
-and the backward the gradients of both outputs with respect to z, mu and logvar. Neither pass ever
+and the backward the gradients of both outputs with respect to z, mu and logvar. A (K, B, D) input
+holds K models' batches, each computed on its own in the same launch: program id 1 is the model,
+whose (B,) and (B, D) slices every kernel moves its pointers to first. Neither pass ever
 stores the B x B x D tensor ell: the forward streams over j in tiles with an online logsumexp (the
 FlashAttention pattern) and the backward recomputes the pair terms from the saved logsumexps.
 
@@ -139,15 +141,22 @@ def _kl_decomposition_forward_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per BLOCK_I rows i: streams all j and writes log_qz[i] and lse_marginal[i, :].
+    """One program per BLOCK_I rows i of one model: streams all j and writes log_qz[i] and
+    lse_marginal[i, :].
 
-    z/mu/logvar: (n, n_dims) contiguous; log_qz (n,) and lse_marginal (n, n_dims) in the compute
+    z/mu/logvar: (models, n, n_dims) contiguous; log_qz (n,) and lse_marginal (n, n_dims) in the compute
     dtype. The w_* pairs are the log2 pair weights (see _scalar_weight).
     """
     compute_dtype: tl.constexpr = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     w_self = _scalar_weight(w_self_hi, w_self_lo, compute_dtype)
     w_next = _scalar_weight(w_next_hi, w_next_lo, compute_dtype)
     w_other = _scalar_weight(w_other_hi, w_other_lo, compute_dtype)
+    model_rows = tl.program_id(1).to(tl.int64) * n
+    z_ptr += model_rows * n_dims
+    mu_ptr += model_rows * n_dims
+    logvar_ptr += model_rows * n_dims
+    log_qz_ptr += model_rows
+    lse_marginal_ptr += model_rows * n_dims
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_mask = rows < n
 
@@ -238,6 +247,21 @@ def _pair_coefficients(
 
 
 @triton.jit
+def _model_backward_pointers(grad_log_qz_ptr, grad_lse_marginal_ptr, z_ptr, mu_ptr, logvar_ptr, log_qz_ptr,
+                             lse_marginal_ptr, n, n_dims, HAS_GRAD_JOINT: tl.constexpr,
+                             HAS_GRAD_MARGINAL: tl.constexpr):
+    """The backward's input pointers moved to the (B,) and (B, D) slices of model program_id(1)."""
+    model_rows = tl.program_id(1).to(tl.int64) * n
+    if HAS_GRAD_JOINT:
+        grad_log_qz_ptr += model_rows
+    if HAS_GRAD_MARGINAL:
+        grad_lse_marginal_ptr += model_rows * n_dims
+    return (grad_log_qz_ptr, grad_lse_marginal_ptr, z_ptr + model_rows * n_dims, mu_ptr + model_rows * n_dims,
+            logvar_ptr + model_rows * n_dims, log_qz_ptr + model_rows, lse_marginal_ptr + model_rows * n_dims,
+            model_rows * n_dims)
+
+
+@triton.jit
 def _kl_decomposition_grad_z_kernel(
     grad_log_qz_ptr,
     grad_lse_marginal_ptr,
@@ -271,6 +295,10 @@ def _kl_decomposition_grad_z_kernel(
     w_self = _scalar_weight(w_self_hi, w_self_lo, compute_dtype)
     w_next = _scalar_weight(w_next_hi, w_next_lo, compute_dtype)
     w_other = _scalar_weight(w_other_hi, w_other_lo, compute_dtype)
+    grad_log_qz_ptr, grad_lse_marginal_ptr, z_ptr, mu_ptr, logvar_ptr, log_qz_ptr, lse_marginal_ptr, offset = (
+        _model_backward_pointers(grad_log_qz_ptr, grad_lse_marginal_ptr, z_ptr, mu_ptr, logvar_ptr, log_qz_ptr,
+                                 lse_marginal_ptr, n, n_dims, HAS_GRAD_JOINT, HAS_GRAD_MARGINAL))
+    grad_z_ptr += offset
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     row_mask = rows < n
     # Out-of-range rows read log q = 0 and gradient 0; their pair weights are -inf anyway.
@@ -356,6 +384,11 @@ def _kl_decomposition_grad_posterior_kernel(
     w_self = _scalar_weight(w_self_hi, w_self_lo, compute_dtype)
     w_next = _scalar_weight(w_next_hi, w_next_lo, compute_dtype)
     w_other = _scalar_weight(w_other_hi, w_other_lo, compute_dtype)
+    grad_log_qz_ptr, grad_lse_marginal_ptr, z_ptr, mu_ptr, logvar_ptr, log_qz_ptr, lse_marginal_ptr, offset = (
+        _model_backward_pointers(grad_log_qz_ptr, grad_lse_marginal_ptr, z_ptr, mu_ptr, logvar_ptr, log_qz_ptr,
+                                 lse_marginal_ptr, n, n_dims, HAS_GRAD_JOINT, HAS_GRAD_MARGINAL))
+    grad_mu_ptr += offset
+    grad_logvar_ptr += offset
     cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     col_mask = cols < n
 
@@ -453,43 +486,53 @@ def _weight_args(log_weight_self, log_weight_next, log_weight_other):
     )
 
 
+# Grid axis 1 (the models) holds at most this many programs on CUDA; more models are launched in
+# slices.
+_MAX_GRID_MODELS = 65535
+
+
+def _model_slices(models):
+    """(first, end) of the slices of at most _MAX_GRID_MODELS models that a launch covers."""
+    return [(k, min(k + _MAX_GRID_MODELS, models)) for k in range(0, models, _MAX_GRID_MODELS)]
+
+
 def kl_decomposition_forward(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other):
     """Streaming log q(z_i) and per-dimension log q(z_id) of a batch under its own posteriors.
 
     Args:
-        z, mu, logvar: (B, D) contiguous on one device, float32/float64/float16/bfloat16.
+        z, mu, logvar: (B, D), or (K, B, D) for K models' batches (each on its own), contiguous
+            on one device, float32/float64/float16/bfloat16.
         log_weight_self, log_weight_next, log_weight_other: natural-log pair weights (Python
             floats) for j == i, j == (i + 1) mod B and every other j.
 
     Returns:
-        log_qz: (B,) logsumexp_j (lw_ij + sum_d ell_ijd).
-        lse_marginal: (B, D) logsumexp_j (lw_ij + ell_ijd).
+        log_qz: ([K,] B) logsumexp_j (lw_ij + sum_d ell_ijd).
+        lse_marginal: ([K,] B, D) logsumexp_j (lw_ij + ell_ijd).
         Both float32, or float64 for float64 inputs.
     """
-    n, n_dims = z.shape
+    n, n_dims = z.shape[-2:]
     out_dtype = accumulation_dtype(z.dtype)
-    log_qz = torch.empty(n, dtype=out_dtype, device=z.device)
-    lse_marginal = torch.empty(n, n_dims, dtype=out_dtype, device=z.device)
-    if n == 0:
+    log_qz = torch.empty(z.shape[:-1], dtype=out_dtype, device=z.device)
+    lse_marginal = torch.empty(z.shape, dtype=out_dtype, device=z.device)
+    if log_qz.numel() == 0:
         return log_qz, lse_marginal
 
     # D == 0 needs no special case: every dim lane is masked and log_qz[i] = logsumexp_j lw_ij.
     block_d, block_i, block_j, num_warps, one_d_tile = _launch_config(n, n_dims, z.dtype)
-    _kl_decomposition_forward_kernel[(triton.cdiv(n, block_i),)](
-        z,
-        mu,
-        logvar,
-        log_qz,
-        lse_marginal,
-        n,
-        n_dims,
-        *_weight_args(log_weight_self, log_weight_next, log_weight_other),
-        ONE_D_TILE=one_d_tile,
-        BLOCK_I=block_i,
-        BLOCK_J=block_j,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+    tensors = [t.view(-1, n, n_dims) for t in (z, mu, logvar)]
+    outputs = [log_qz.view(-1, n), lse_marginal.view(-1, n, n_dims)]
+    for first, end in _model_slices(tensors[0].shape[0]):
+        _kl_decomposition_forward_kernel[(triton.cdiv(n, block_i), end - first)](
+            *(t[first:end] for t in tensors + outputs),
+            n,
+            n_dims,
+            *_weight_args(log_weight_self, log_weight_next, log_weight_other),
+            ONE_D_TILE=one_d_tile,
+            BLOCK_I=block_i,
+            BLOCK_J=block_j,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
     return log_qz, lse_marginal
 
 
@@ -508,16 +551,16 @@ def kl_decomposition_backward(
     """Gradients of kl_decomposition_forward, recomputing the pair terms from its saved outputs.
 
     Args:
-        grad_log_qz: (B,) in log_qz's dtype, or None for zero.
-        grad_lse_marginal: (B, D) in lse_marginal's dtype, or None for zero.
+        grad_log_qz: ([K,] B) in log_qz's dtype, or None for zero.
+        grad_lse_marginal: ([K,] B, D) in lse_marginal's dtype, or None for zero.
         z, mu, logvar, log_weight_*: the forward's inputs; log_qz, lse_marginal: its outputs.
 
     Returns:
-        (grad_z, grad_mu, grad_logvar): (B, D) in the input dtype.
+        (grad_z, grad_mu, grad_logvar): ([K,] B, D) in the input dtype.
     """
     has_joint, has_marginal = grad_log_qz is not None, grad_lse_marginal is not None
-    n, n_dims = z.shape
-    if n == 0 or n_dims == 0 or not (has_joint or has_marginal):
+    n, n_dims = z.shape[-2:]
+    if z.numel() == 0 or not (has_joint or has_marginal):
         return torch.zeros_like(z), torch.zeros_like(mu), torch.zeros_like(logvar)
 
     # Autograd may hand over expanded (stride-0) gradients, e.g. from a .sum() of the outputs.
@@ -526,44 +569,43 @@ def kl_decomposition_backward(
     grad_z, grad_mu, grad_logvar = torch.empty_like(z), torch.empty_like(mu), torch.empty_like(logvar)
     block_d, owned, stream, num_warps, one_d_tile = _launch_config(n, n_dims, z.dtype)
     weights = _weight_args(log_weight_self, log_weight_next, log_weight_other)
-    # Pointers of absent gradients are never dereferenced; log_qz stands in for them.
-    grads = (grad_log_qz if has_joint else log_qz, grad_lse_marginal if has_marginal else log_qz)
+    # (K, B) and (K, B, D) views; pointers of absent gradients are never dereferenced, log_qz
+    # stands in for them.
+    log_qz_k = log_qz.view(-1, n)
+    grads = (grad_log_qz.view(-1, n) if has_joint else log_qz_k,
+             grad_lse_marginal.view(-1, n, n_dims) if has_marginal else log_qz_k)
+    inputs = [t.view(-1, n, n_dims) for t in (z, mu, logvar)]
+    saved = [log_qz_k, lse_marginal.view(-1, n, n_dims)]
+    outputs = [t.view(-1, n, n_dims) for t in (grad_z, grad_mu, grad_logvar)]
     flags = dict(HAS_GRAD_JOINT=has_joint, HAS_GRAD_MARGINAL=has_marginal, ONE_D_TILE=one_d_tile)
 
     # grad_z: programs own rows i and stream j; grad_mu/grad_logvar: own posteriors j and stream i.
-    _kl_decomposition_grad_z_kernel[(triton.cdiv(n, owned),)](
-        *grads,
-        z,
-        mu,
-        logvar,
-        log_qz,
-        lse_marginal,
-        grad_z,
-        n,
-        n_dims,
-        *weights,
-        **flags,
-        BLOCK_I=owned,
-        BLOCK_J=stream,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
-    _kl_decomposition_grad_posterior_kernel[(triton.cdiv(n, owned),)](
-        *grads,
-        z,
-        mu,
-        logvar,
-        log_qz,
-        lse_marginal,
-        grad_mu,
-        grad_logvar,
-        n,
-        n_dims,
-        *weights,
-        **flags,
-        BLOCK_I=stream,
-        BLOCK_J=owned,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+    for first, end in _model_slices(inputs[0].shape[0]):
+        common = [t[first:end] for t in (*grads, *inputs, *saved)]
+        grid = (triton.cdiv(n, owned), end - first)
+        _kl_decomposition_grad_z_kernel[grid](
+            *common,
+            outputs[0][first:end],
+            n,
+            n_dims,
+            *weights,
+            **flags,
+            BLOCK_I=owned,
+            BLOCK_J=stream,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+        _kl_decomposition_grad_posterior_kernel[grid](
+            *common,
+            outputs[1][first:end],
+            outputs[2][first:end],
+            n,
+            n_dims,
+            *weights,
+            **flags,
+            BLOCK_I=stream,
+            BLOCK_J=owned,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
     return grad_z, grad_mu, grad_logvar

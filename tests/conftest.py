@@ -107,3 +107,60 @@ def opcheck_op(name: str, backend: str, args: tuple) -> None:
     """``torch.library.opcheck`` of one kernel op: schema, fake (meta) kernel against the real
     one, autograd registration and AOT dispatch."""
     torch.library.opcheck(kernel_op(name, backend), args)
+
+
+def _model_args(args, in_dims, k):
+    return [a.select(d, k) if isinstance(a, torch.Tensor) and d is not None else a
+            for a, d in zip(args, in_dims)]
+
+
+def _weighted_sum(outputs) -> torch.Tensor:
+    """A scalar that every element of every output reaches with its own (fixed) weight."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return sum((o * torch.arange(o.numel(), dtype=o.dtype, device=o.device)
+                .reshape(o.shape).sin()).sum() for o in outputs)
+
+
+def assert_vmap_matches_loop(fn, args, in_dims, *, rtol: float, atol: float,
+                             argnums: tuple[int, ...] | None = None) -> None:
+    """``torch.func.vmap(fn, in_dims)`` over K models equals the loop of ``fn`` per model: the
+    outputs, the gradients by ``vmap(torch.func.grad(...))`` and by plain autograd through the
+    vmapped outputs (of a weighted sum of the outputs, with respect to the arguments ``argnums``,
+    default every floating-point tensor argument; an argument shared by the models gets the sum
+    of their gradients)."""
+    k_models = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+    if argnums is None:
+        argnums = tuple(i for i, a in enumerate(args)
+                        if isinstance(a, torch.Tensor) and a.is_floating_point())
+
+    def loss(*a):
+        return _weighted_sum(fn(*a))
+
+    def check(actual, expected, what):
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{what}: {m}")
+
+    # forward
+    actual = torch.func.vmap(fn, in_dims=in_dims)(*args)
+    loop = [fn(*_model_args(args, in_dims, k)) for k in range(k_models)]
+    if isinstance(actual, torch.Tensor):
+        check(actual, torch.stack(loop), "vmap forward")
+    else:
+        for i, out in enumerate(actual):
+            check(out, torch.stack([o[i] for o in loop]), f"vmap forward output {i}")
+
+    # torch.func.grad under vmap: one gradient per model, for shared arguments too
+    per_model = [torch.func.grad(loss, argnums=argnums)(*_model_args(args, in_dims, k))
+                 for k in range(k_models)]
+    vmapped = torch.func.vmap(torch.func.grad(loss, argnums=argnums), in_dims=in_dims)(*args)
+    for j, i in enumerate(argnums):
+        check(vmapped[j], torch.stack([g[j] for g in per_model]), f"vmap(grad) of argument {i}")
+
+    # plain autograd through vmap's outputs
+    leaves = [a.detach().requires_grad_() if i in argnums else a for i, a in enumerate(args)]
+    total = torch.func.vmap(loss, in_dims=in_dims)(*leaves).sum()
+    grads = torch.autograd.grad(total, [leaves[i] for i in argnums])
+    for j, i in enumerate(argnums):
+        stacked = torch.stack([g[j] for g in per_model])
+        expected = stacked.sum(0) if in_dims[i] is None else stacked.movedim(0, in_dims[i])
+        check(grads[j], expected, f"autograd through vmap, argument {i}")

@@ -413,3 +413,110 @@ def test_opcheck(backend, device, dtype):
                                   (torch.randn_like(log_qz), None)]:
         opcheck_op("kl_decomposition_backward", backend,
                    (grad_log_qz, grad_lse, *saved, log_qz, lse, *weights))
+
+
+# ---- model batches: (K, B, D) inputs and torch.func.vmap ---------------------------------------
+
+def model_batch(k_models, batch, dim, dtype, device):
+    """K models' batches, each as make_inputs draws one: (K, B, D) tensors."""
+    parts = [make_inputs(batch, dim, dtype, device) for _ in range(k_models)]
+    return [torch.stack(t) for t in zip(*parts)]
+
+
+def random_odd_size(low, high):
+    return 2 * int(torch.randint(low // 2, high // 2, ())) + 1
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_model_batch_equals_per_model_calls(backend, device, dtype):
+    # (K, B, D) in one call: each model's terms and gradients are those of its own (B, D) call.
+    batch, dim = random_odd_size(3, 12), random_odd_size(1, 10)
+    for contiguous in (True, False):
+        z, mu, logvar = model_batch(3, batch, dim, dtype, device)
+        if not contiguous:  # (B, K, D) storage seen as (K, B, D)
+            z, mu, logvar = (t.transpose(0, 1).contiguous().transpose(0, 1)
+                             for t in (z, mu, logvar))
+            assert not z.is_contiguous()
+        upstream = {name: torch.randn(3, batch, dtype=torch.float64, device=device)
+                    for name in FIELDS}
+        leaves = [t.detach().requires_grad_() for t in (z, mu, logvar)]
+        terms = run(backend, *leaves, 200, estimator="mss")
+        for name in FIELDS:
+            assert getattr(terms, name).shape == (3, batch), name
+        outputs = [getattr(terms, name) for name in FIELDS]
+        grads = torch.autograd.grad(outputs, leaves,
+                                    [upstream[n].to(o.dtype) for n, o in zip(FIELDS, outputs)])
+        for k in range(3):
+            model = [t[k].detach().requires_grad_() for t in (z, mu, logvar)]
+            expected = run(backend, *model, 200, estimator="mss")
+            assert_terms_close(KLTerms(*(t[k] for t in terms)), expected, TERM_RTOL[dtype],
+                               f"model {k} of {batch}x{dim}")
+            model_outputs = [getattr(expected, name) for name in FIELDS]
+            model_grads = torch.autograd.grad(
+                model_outputs, model,
+                [upstream[n][k].to(o.dtype) for n, o in zip(FIELDS, model_outputs)])
+            for arg, a, e in zip(["z", "mu", "logvar"], grads, model_grads):
+                assert_grad_close(a[k], e.double(), GRAD_RTOL[dtype], f"grad {arg} model {k}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_vmap_matches_the_loop_over_models(backend, device, dtype):
+    from conftest import assert_vmap_matches_loop
+
+    batch, dim = random_odd_size(3, 12), random_odd_size(1, 10)
+
+    def fn(z, mu, logvar):
+        with use_backend(backend):
+            return tuple(kl_decomposition(z, mu, logvar, 100, estimator="mss"))
+
+    z, mu, logvar = model_batch(3, batch, dim, dtype, device)
+    tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    assert_vmap_matches_loop(fn, (z, mu, logvar), (0, 0, 0), **tol)
+    # the models along another dim, and a logvar shared by every model
+    assert_vmap_matches_loop(fn, (z.transpose(0, 1), mu, logvar[0]), (1, 0, None), **tol)
+    assert last_backend("kl_decomposition") == backend
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_bad_model_batch_shapes(backend, device):
+    z, mu, logvar = model_batch(3, 4, 2, torch.float32, device)
+    cases = [
+        (dict(z=z[None], mu=mu[None], logvar=logvar[None]), ValueError,
+         r"z must be 2-D \(batch, dim\) or 3-D \(models, batch, dim\), got shape \(1, 3, 4, 2\)"),
+        (dict(mu=mu[:2]), ValueError, r"mu has shape \(2, 4, 2\) but z has \(3, 4, 2\)"),
+        (dict(logvar=logvar[0]), ValueError, r"logvar has shape \(4, 2\) but z has \(3, 4, 2\)"),
+        (dict(z=z[:, :1], mu=mu[:, :1], logvar=logvar[:, :1]), ValueError, "at least 2 samples"),
+        (dict(dataset_size=3), ValueError, r"dataset_size \(3\) must be at least the batch size"),
+    ]
+    with use_backend(backend):
+        for overrides, error, message in cases:
+            kwargs = dict(dict(z=z, mu=mu, logvar=logvar, dataset_size=100), **overrides)
+            with pytest.raises(error, match=message):
+                kl_decomposition(**kwargs)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+def test_kernel_ops_check_model_batches(backend, device):
+    """The kernel ops take (K, B, D) (opcheck of both), and name a bad 3-D argument."""
+    from conftest import kernel_op, opcheck_op
+
+    weights = (-1.5, -2.5, -3.5)
+    z, mu, logvar = (torch.randn(3, 5, 4, device=device, dtype=torch.float64, requires_grad=True)
+                     for _ in range(3))
+    opcheck_op("kl_decomposition_forward", backend, (z, mu, logvar, *weights))
+    saved = [t.detach() for t in (z, mu, logvar)]
+    forward, backward = (kernel_op(f"kl_decomposition_{s}", backend) for s in ("forward", "backward"))
+    log_qz, lse = forward(*saved, *weights)
+    assert log_qz.shape == (3, 5) and lse.shape == (3, 5, 4)
+    opcheck_op("kl_decomposition_backward", backend,
+               (torch.randn_like(log_qz), torch.randn_like(lse), *saved, log_qz, lse, *weights))
+    with pytest.raises(RuntimeError, match=r"z must be 2-D \(batch, dim\) or 3-D"):
+        forward(saved[0][None], saved[1][None], saved[2][None], *weights)
+    with pytest.raises(RuntimeError, match=r"need a batch of at least 2, got 1"):
+        forward(*(t[:, :1].contiguous() for t in saved), *weights)
+    with pytest.raises(RuntimeError, match=r"mu has shape \[2, 5, 4\] but expected \[3, 5, 4\]"):
+        forward(saved[0], saved[1][:2].contiguous(), saved[2], *weights)
+    with pytest.raises(RuntimeError, match=r"log_qz has shape \[5\] but expected \[3, 5\]"):
+        backward(torch.randn_like(log_qz), None, *saved, log_qz[0].contiguous(), lse, *weights)

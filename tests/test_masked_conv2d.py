@@ -388,3 +388,32 @@ def test_opcheck(backend, device, dtype, mask_type, color_channels):
         opcheck_op("masked_conv2d_backward", backend,
                    (grad_y, x.detach(), weight.detach(), mask_type, color_channels, 2,
                     output_mask))
+
+
+# ---- torch.func.vmap over models ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_vmap_matches_the_loop_over_models(backend, device, dtype):
+    # Only x vmapped (one launch on the K·N images), the weight and bias vmapped (one launch per
+    # model), and grad of x alone with a shared weight (the backward's one-launch path).
+    from conftest import assert_vmap_matches_loop
+
+    k_models = 3
+    # small: the Triton interpreter runs the per-model launches of 4 checks × 3 gradients
+    n, c_in, c_out, h, w = (1, 3, 3, 4, 3) if interpreted(backend, device) else INTERPRETED_SHAPE
+    k, mask_type, color_channels, dilation = (3, "B", 3, 2)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    x, weight, bias = (torch.stack(t) for t in zip(*[
+        make_inputs(n, c_in, c_out, h, w, k, dtype, device) for _ in range(k_models)]))
+
+    def fn(x, weight, bias):
+        with use_backend(backend):
+            return masked_conv2d(x, weight, bias, mask_type=mask_type,
+                                 color_channels=color_channels, dilation=dilation)
+
+    assert_vmap_matches_loop(fn, (x, weight[0], bias[0]), (0, None, None), **tol)
+    assert_vmap_matches_loop(fn, (x, weight[0], bias[0]), (0, None, None), argnums=(0,), **tol)
+    assert_vmap_matches_loop(fn, (x[0], weight, bias), (None, 0, 0), **tol)
+    assert_vmap_matches_loop(fn, (x.transpose(0, 1), weight, bias[0]), (1, 0, None), **tol)
+    assert last_backend("masked_conv2d") == backend

@@ -378,3 +378,73 @@ def test_opcheck(backend, device, dtype):
         grads = (rand(rows, cols), torch.randn(rows, device=device, dtype=dtype))
         opcheck_op("reparameterize_kl_backward", backend,
                    (*grads, *(t.detach() if t is not None else None for t in forward)))
+
+
+# ---- torch.func.vmap over models ----------------------------------------------------------------
+
+def random_odd_size(low, high):
+    return 2 * int(torch.randint(low // 2, high // 2, ())) + 1
+
+
+VMAP_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=1e-5)}
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("prior", [False, True], ids=["std-prior", "gauss-prior"])
+def test_vmap_matches_the_loop_over_models(backend, device, dtype, prior):
+    from conftest import assert_vmap_matches_loop
+
+    k_models, rows, cols = 3, random_odd_size(3, 12), random_odd_size(1, 10)
+    mu, logvar, priors = make_inputs((k_models, rows, cols), dtype, device, prior=prior)
+    eps = torch.randn(k_models, rows, cols, dtype=dtype, device=device)
+
+    def fn(mu, logvar, eps, *prior_args):
+        kwargs = dict(zip(["prior_mu", "prior_logvar"], prior_args))
+        with use_backend(backend):
+            return reparameterize_kl(mu, logvar, eps, **kwargs)
+
+    args = (mu, logvar, eps, *priors.values())
+    assert_vmap_matches_loop(fn, args, (0,) * len(args), **VMAP_TOL[dtype])
+    # a prior (or the noise) shared by all models, the models along dim 1 of logvar
+    shared = (mu, logvar.transpose(0, 1), eps[0], *(v[0] for v in priors.values()))
+    assert_vmap_matches_loop(fn, shared, (0, 1, None) + (None,) * len(priors),
+                             **VMAP_TOL[dtype])
+    assert last_backend("reparameterize_kl") == backend
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_vmap_noise_is_that_of_the_stacked_rows(backend, device):
+    # randomness="same": one seed per call; model k's row r is row k·rows + r of one call on the
+    # concatenated rows, so the models' noises differ, and the backward regenerates them.
+    k_models, rows, cols = 3, 7, 5
+    mu, logvar, _ = make_inputs((k_models, rows, cols), torch.float64, device)
+
+    def loss(mu, logvar):
+        with use_backend(backend):
+            z, kl = reparameterize_kl(mu, logvar)
+        return (z * z).sum() + kl.sum(), z
+
+    torch.manual_seed(7)
+    grads, z = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1), has_aux=True),
+                               randomness="same")(mu, logvar)
+    torch.manual_seed(7)
+    stacked = [t.reshape(k_models * rows, cols) for t in (mu, logvar)]
+    expected_grads, expected_z = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(*stacked)
+    torch.testing.assert_close(z.reshape(-1, cols), expected_z, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.reshape(-1, cols), e, rtol=1e-12, atol=1e-12)
+    eps = (z - mu) / torch.exp(0.5 * logvar)
+    assert (eps[0] - eps[1]).abs().min() > 0 and (eps[1] - eps[2]).abs().min() > 0
+
+    # randomness="different": a seed per model; the backward still regenerates each one's noise
+    leaves = [t.detach().requires_grad_() for t in (mu, logvar)]
+    z = torch.func.vmap(lambda m, lv: loss(m, lv)[1], randomness="different")(*leaves)
+    (grad_logvar,) = torch.autograd.grad(z.sum(), leaves[1])
+    sigma = torch.exp(0.5 * logvar)
+    eps = (z.detach() - mu) / sigma
+    torch.testing.assert_close(2 * grad_logvar / sigma, eps, rtol=1e-9, atol=1e-9)
+    assert (eps[0] - eps[1]).abs().min() > 0
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda m, lv: loss(m, lv)[1])(mu, logvar)

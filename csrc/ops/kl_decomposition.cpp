@@ -22,12 +22,14 @@ namespace pyvae {
 void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
                                  const at::Tensor& logvar) {
   constexpr const char* op = "kl_decomposition";
-  TORCH_CHECK(z.defined() && z.dim() == 2, op, ": z must be 2-D (batch, dim), got ",
+  TORCH_CHECK(z.defined() && (z.dim() == 2 || z.dim() == 3), op,
+              ": z must be 2-D (batch, dim) or 3-D (models, batch, dim), got ",
               z.defined() ? z.sizes() : at::IntArrayRef());
   check_kernel_dtype(op, "z", z);
   // Fewer than two samples leave no other posterior to estimate the aggregate one from.
-  TORCH_CHECK(z.size(0) >= 2, op, ": need a batch of at least 2, got ", z.size(0));
-  TORCH_CHECK(z.size(1) >= 1, op, ": need at least one latent dimension, got z of shape ",
+  TORCH_CHECK(z.size(-2) >= 2, op, ": need a batch of at least 2, got ", z.size(-2),
+              " (z of shape ", z.sizes(), ")");
+  TORCH_CHECK(z.size(-1) >= 1, op, ": need at least one latent dimension, got z of shape ",
               z.sizes());
   check_like(op, "z", z, z, "like z");
   check_like(op, "mu", mu, z, "like z");
@@ -41,9 +43,10 @@ void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_
                                           const at::Tensor& lse_marginal) {
   check_kl_decomposition_args(z, mu, logvar);
   constexpr const char* op = "kl_decomposition";
-  // The saved outputs and their incoming gradients: (B,) and (B, D) in the accumulation dtype.
+  // The saved outputs and their incoming gradients: ([K,] B) and ([K,] B, D) in the
+  // accumulation dtype.
   const at::ScalarType acc = accumulation_dtype(z.scalar_type());
-  const int64_t rows[1] = {z.size(0)};
+  const at::IntArrayRef rows = z.sizes().slice(0, z.dim() - 1);
   check_tensor(op, "log_qz", log_qz, rows, acc, z.device(), "like the forward's log_qz");
   check_tensor(op, "lse_marginal", lse_marginal, z.sizes(), acc, z.device(),
                "like the forward's lse_marginal");
@@ -76,12 +79,13 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cuda(
   check_kl_decomposition_args(z, mu, logvar);
   const c10::cuda::CUDAGuard guard(z.device());
   const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
-  at::Tensor log_qz = at::empty({z.size(0)}, acc);
+  at::Tensor log_qz = at::empty(z.sizes().slice(0, z.dim() - 1), acc);
   at::Tensor lse_marginal = at::empty(z.sizes(), acc);
   cuda::KLDecompositionForward args{z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
                                     log_weight_self, log_weight_next, log_weight_other,
-                                    log_qz.data_ptr(), lse_marginal.data_ptr(), z.size(0),
-                                    z.size(1), cuda_scalar_kind(z.scalar_type())};
+                                    log_qz.data_ptr(), lse_marginal.data_ptr(),
+                                    kl_decomposition_models(z), z.size(-2), z.size(-1),
+                                    cuda_scalar_kind(z.scalar_type())};
   const cudaError_t status =
       cuda::kl_decomposition_forward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_decomposition_forward (cuda): ",
@@ -105,8 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cuda(
                                      z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
                                      log_qz.data_ptr(), lse_marginal.data_ptr(), log_weight_self,
                                      log_weight_next, log_weight_other, grad_z.data_ptr(),
-                                     grad_mu.data_ptr(), grad_logvar.data_ptr(), z.size(0),
-                                     z.size(1), cuda_scalar_kind(z.scalar_type())};
+                                     grad_mu.data_ptr(), grad_logvar.data_ptr(),
+                                     kl_decomposition_models(z), z.size(-2), z.size(-1),
+                                     cuda_scalar_kind(z.scalar_type())};
   const cudaError_t status =
       cuda::kl_decomposition_backward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_decomposition_backward (cuda): ",

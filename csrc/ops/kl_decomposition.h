@@ -23,16 +23,22 @@
 
 namespace pyvae {
 
-// z, mu, logvar: 2-D (B, D) contiguous tensors of one kernel dtype and device, B >= 2, D >= 1.
+// z, mu, logvar: (B, D), or (K, B, D) for K models' batches (each computed on its own), contiguous
+// tensors of one kernel dtype and device, B >= 2, D >= 1.
 void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
                                  const at::Tensor& logvar);
 
-// The forward's checks plus those of the saved outputs (log_qz (B,), lse_marginal (B, D)) and
+// The forward's checks plus those of the saved outputs (log_qz ([K,] B), lse_marginal ([K,] B, D)) and
 // the optional incoming gradients of the same shapes, all contiguous in accumulation_dtype of z.
 void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_log_qz,
                                           const std::optional<at::Tensor>& grad_lse_marginal,
                                           const at::Tensor& z, const at::Tensor& mu,
                                           const at::Tensor& logvar, const at::Tensor& log_qz,
                                           const at::Tensor& lse_marginal);
+
+// K, the number of models of a checked z: 1 for a 2-D z.
+inline int64_t kl_decomposition_models(const at::Tensor& z) {
+  return z.dim() == 3 ? z.size(0) : 1;
+}
 
 }  // namespace pyvae

@@ -8,6 +8,10 @@ to the prior splits into index-code mutual information, total correlation and di
 
 The kernels (cpu, cuda, triton) stream over j with an online logsumexp and keep O(B·D) memory;
 they compute only ``log_qz`` and the per-dimension logsumexps, everything else is elementwise.
+
+Model batches: inputs of shape (K, B, D) hold the batches of K models (``pyvae.train.fit_grid``),
+each decomposed on its own (pairs never cross models) in one launch; ``torch.func.vmap`` over the
+op turns the vmapped dim into that K (the vmap rules below).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 class KLTerms(NamedTuple):
-    """Per-sample terms of the decomposition, each of shape (B,), in nats.
+    """Per-sample terms of the decomposition, each of shape (B,) (or (K, B) for K models), in
+    nats.
 
     ``mi + tc + dim_kl == log_qz_x - log_pz`` (the single-sample KL to the prior), up to
     rounding.
@@ -106,19 +111,19 @@ def _terms(log_qz, log_prod_qz, z, mu, logvar) -> KLTerms:
 
 def kl_decomposition_reference(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                                dataset_size: int, *, estimator: str = "mws") -> KLTerms:
-    """Eager PyTorch version of the op, materialising the (B, B, D) pair log-densities.
+    """Eager PyTorch version of the op, materialising the ([K,] B, B, D) pair log-densities.
 
     The ground truth of the tests and the eager baseline of the benchmarks; needs
-    B²·D elements of memory. Same conventions as :func:`kl_decomposition`.
+    K·B²·D elements of memory. Same conventions as :func:`kl_decomposition`.
     """
     acc = _checks.accumulation_dtype(z.dtype)
-    batch = z.shape[0]
+    batch = z.shape[-2]
     _check_sizes(batch, dataset_size)
     zc, m, lv = z.to(acc), mu.to(acc), logvar.to(acc)
-    ell = _log_normal(zc[:, None, :], m[None, :, :], lv[None, :, :])  # [i, j, d]
+    ell = _log_normal(zc[..., :, None, :], m[..., None, :, :], lv[..., None, :, :])  # [k, i, j, d]
     lw = _pair_log_weight_matrix(estimator, batch, dataset_size, dtype=acc, device=z.device)
-    log_qz = torch.logsumexp(lw + ell.sum(-1), dim=1)
-    log_prod_qz = torch.logsumexp(lw[:, :, None] + ell, dim=1).sum(-1)
+    log_qz = torch.logsumexp(lw + ell.sum(-1), dim=-1)
+    log_prod_qz = torch.logsumexp(lw[:, :, None] + ell, dim=-2).sum(-1)
     return _terms(log_qz, log_prod_qz, z, mu, logvar)
 
 
@@ -126,7 +131,7 @@ def kl_decomposition_reference(z: torch.Tensor, mu: torch.Tensor, logvar: torch.
 
 def _fake_forward(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other):
     acc = _checks.accumulation_dtype(z.dtype)
-    return z.new_empty(z.shape[:1], dtype=acc), z.new_empty(z.shape, dtype=acc)
+    return z.new_empty(z.shape[:-1], dtype=acc), z.new_empty(z.shape, dtype=acc)
 
 
 def _fake_backward(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz, lse_marginal,
@@ -155,13 +160,14 @@ def _check_kernel_args(z, mu, logvar, *log_weights) -> None:
     """The checks of check_kl_decomposition_args (csrc/ops/kl_decomposition.cpp), for the
     Triton custom ops: RuntimeErrors naming the argument before a kernel reads any pointer.
     The pair log-weights are any floats."""
-    if not isinstance(z, torch.Tensor) or z.dim() != 2:
-        raise RuntimeError(f"{OP}: z must be 2-D (batch, dim), got "
+    if not isinstance(z, torch.Tensor) or z.dim() not in (2, 3):
+        raise RuntimeError(f"{OP}: z must be 2-D (batch, dim) or 3-D (models, batch, dim), got "
                            f"{getattr(z, 'shape', type(z).__name__)}")
     _checks.kernel_dtype(OP, "z", z)
-    if z.shape[0] < 2:
-        raise RuntimeError(f"{OP}: need a batch of at least 2, got {z.shape[0]}")
-    if z.shape[1] < 1:
+    if z.shape[-2] < 2:
+        raise RuntimeError(f"{OP}: need a batch of at least 2, got {z.shape[-2]} (z of shape "
+                           f"{_checks._sizes(z.shape)})")
+    if z.shape[-1] < 1:
         raise RuntimeError(f"{OP}: need at least one latent dimension, got z of shape "
                            f"{tuple(z.shape)}")
     _checks.kernel_like(OP, "z", z, z, "like z")
@@ -171,11 +177,11 @@ def _check_kernel_args(z, mu, logvar, *log_weights) -> None:
 
 def _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
                                 lse_marginal, *log_weights) -> None:
-    """The forward's kernel checks plus the saved outputs and their incoming gradients: (B,)
-    and (B, D), contiguous, in the accumulation dtype of z."""
+    """The forward's kernel checks plus the saved outputs and their incoming gradients: ([K,] B)
+    and ([K,] B, D), contiguous, in the accumulation dtype of z."""
     _check_kernel_args(z, mu, logvar)
     acc = _checks.accumulation_dtype(z.dtype)
-    rows = z.shape[:1]
+    rows = z.shape[:-1]
     _checks.kernel_tensor(OP, "log_qz", log_qz, rows, acc, z.device, "like the forward's log_qz")
     _checks.kernel_tensor(OP, "lse_marginal", lse_marginal, z.shape, acc, z.device,
                           "like the forward's lse_marginal")
@@ -191,6 +197,38 @@ def _triton_launchers():
     return kl_decomposition
 
 
+def _models_first(info, in_dims, args, z_index: int):
+    """The vmap rules' arguments as (K', B, D) launches: every tensor with the vmapped models
+    first (expanded where not vmapped), and a (K, K2, B, D) stack (vmap over an op already given
+    (K2, B, D) inputs) flattened to (K·K2, B, D); returns them and the (K[, K2]) leading shape
+    (that of ``args[z_index]``, z, less its (B, D))."""
+    args = _register.batched_args(info, in_dims, args)
+    lead = args[z_index].shape[:-2]
+
+    def flat(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.reshape(-1, *t.shape[len(lead):]).contiguous()
+
+    return [flat(a) for a in args], lead
+
+
+def _vmap_forward(op, info, in_dims, z, mu, logvar, *log_weights):
+    """vmap of the forward op: the vmapped dim becomes the K of one (K, B, D) launch."""
+    (z, mu, logvar), lead = _models_first(info, in_dims[:3], (z, mu, logvar), 0)
+    log_qz, lse_marginal = op(z, mu, logvar, *log_weights)
+    return (log_qz.reshape(*lead, *log_qz.shape[1:]),
+            lse_marginal.reshape(*lead, *lse_marginal.shape[1:])), (0, 0)
+
+
+def _vmap_backward(op, info, in_dims, *args):
+    """vmap of the backward op: every tensor (incoming gradients, inputs, saved outputs) with the
+    models first, one (K, B, D) launch."""
+    tensors, lead = _models_first(info, in_dims[:7], args[:7], 2)
+    grads = op(*tensors, *args[7:])
+    return tuple(g.reshape(*lead, *g.shape[1:]) for g in grads), (0, 0, 0)
+
+
 KERNEL_OP = _register.define_kernel_op(
     OP,
     forward_schema="(Tensor z, Tensor mu, Tensor logvar, float log_weight_self, "
@@ -202,7 +240,8 @@ KERNEL_OP = _register.define_kernel_op(
                     "Tensor grad_mu, Tensor grad_logvar)",
     triton_launchers=_triton_launchers, check_forward=_check_kernel_args,
     check_backward=_check_kernel_backward_args, fake_forward=_fake_forward,
-    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
+    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    vmap_forward=_vmap_forward, vmap_backward=_vmap_backward)
 
 
 # ---- the public op ------------------------------------------------------------------------------
@@ -213,26 +252,32 @@ def kl_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, da
 
     Args:
         z: one sample per posterior, ``z_i ~ N(mu_i, exp(logvar_i))``, shape (B, D), B >= 2,
-            float16 / bfloat16 / float32 / float64.
-        mu: posterior means of the batch, shape (B, D), same dtype and device as ``z``.
-        logvar: posterior log-variances log σ², shape (B, D), same dtype and device.
+            float16 / bfloat16 / float32 / float64; or (K, B, D): the batches of K models, each
+            decomposed on its own in one launch (as K calls would, up to rounding).
+        mu: posterior means of the batch, shape of ``z``, same dtype and device as ``z``.
+        logvar: posterior log-variances log σ², shape of ``z``, same dtype and device.
         dataset_size: N, the number of training points the batch is drawn from (an int >= B).
         estimator: ``"mws"`` (minibatch-weighted sampling, weight 1/(N·B) for every pair) or
             ``"mss"`` (minibatch-stratified sampling, Chen et al. 2018, Appendix C).
 
     Returns:
-        :class:`KLTerms` of per-sample tensors of shape (B,) in nats: ``mi``, ``tc``,
+        :class:`KLTerms` of per-sample tensors of shape (B,) (or (K, B)) in nats: ``mi``, ``tc``,
         ``dim_kl``, ``log_qz``, ``log_prod_qz``, ``log_qz_x`` and ``log_pz``; float32 (float64
         for float64 inputs), accumulated in float32 for half-precision inputs. Differentiable
         with respect to ``z``, ``mu`` and ``logvar``. The kernel backends use O(B·D) memory; the
         reference backend materialises B×B×D elements.
+
+        Under ``torch.func.vmap`` (forward, and backward through autograd, ``torch.func.grad``
+        or ``vjp``) the vmapped models are the K of one launch; the numbers equal the per-model
+        calls.
     """
     _checks.check_float_tensor(OP, "z", z)
-    if z.dim() != 2:
-        raise ValueError(f"{OP}: z must be 2-D (batch, dim), got shape {tuple(z.shape)}")
+    if z.dim() not in (2, 3):
+        raise ValueError(f"{OP}: z must be 2-D (batch, dim) or 3-D (models, batch, dim), got "
+                         f"shape {tuple(z.shape)}")
     _checks.check_like(OP, "mu", mu, "z", z)
     _checks.check_like(OP, "logvar", logvar, "z", z)
-    batch, dim = z.shape
+    batch, dim = z.shape[-2:]
     _check_sizes(batch, dataset_size)
     if dim < 1:
         raise ValueError(f"{OP}: z must have at least one latent dimension, got shape "
@@ -245,6 +290,6 @@ def kl_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, da
     if backend == "reference":
         return kl_decomposition_reference(z, mu, logvar, dataset_size, estimator=estimator)
     log_weights = pair_log_weights(estimator, batch, int(dataset_size))
-    log_qz, lse_marginal = KERNEL_OP.forward(backend)(z.contiguous(), mu.contiguous(),
-                                               logvar.contiguous(), *log_weights)
+    log_qz, lse_marginal = KERNEL_OP.apply(backend, z.contiguous(), mu.contiguous(),
+                                           logvar.contiguous(), *log_weights)
     return _terms(log_qz, lse_marginal.sum(-1), z, mu, logvar)

@@ -9,6 +9,11 @@ groups < g (mask type "A") or <= g (type "B"). Type A with G = 1 never reads the
 The kernel backends visit only the allowed taps (about half of the k² for type A), so they do
 about half the arithmetic of ``conv2d(x, weight * mask)``; masked weights are never read and
 their gradients are exactly 0.
+
+Under ``torch.func.vmap`` over K models: when only ``x`` is vmapped the models fold into the
+image batch (one launch on K·N images); when the weight or bias is vmapped (each model its own
+kernel) the vmap rule calls the op once per model, and the backward does so whenever a weight or
+bias gradient is wanted (each model's own). The numbers are those of the per-model calls.
 """
 from __future__ import annotations
 
@@ -179,6 +184,40 @@ def _triton_launchers():
     return masked_conv2d
 
 
+def _fold_images(info, in_dims, tensors):
+    """(K·N, C, H, W) tensors of the models' (N, C, H, W) ones."""
+    return [t.reshape(-1, *t.shape[2:]).contiguous()
+            for t in _register.batched_args(info, in_dims, tensors)]
+
+
+def _vmap_forward(op, info, in_dims, x, weight, bias, mask_type, color_channels, dilation):
+    """vmap of the forward op: K models' images in one launch when only x is vmapped; one
+    launch per model when the weight or bias is."""
+    if in_dims[1] is not None or in_dims[2] is not None:
+        return _register.per_model_rule(op, info, in_dims, x, weight, bias, mask_type,
+                                        color_channels, dilation)
+    (images,) = _fold_images(info, in_dims[:1], (x,))
+    y = op(images, weight, bias, mask_type, color_channels, dilation)
+    return y.reshape(info.batch_size, -1, *y.shape[1:]), 0
+
+
+def _vmap_backward(op, info, in_dims, grad_y, x, weight, mask_type, color_channels, dilation,
+                   output_mask):
+    """vmap of the backward op: one launch on the K·N images for grad_x alone with a shared
+    weight; one launch per model when the weight is vmapped or a weight or bias gradient (one
+    per model) is wanted."""
+    if in_dims[2] is not None or output_mask[1] or output_mask[2]:
+        return _register.per_model_rule(op, info, in_dims, grad_y, x, weight, mask_type,
+                                        color_channels, dilation, output_mask)
+    grad_y, x = _fold_images(info, in_dims[:2], (grad_y, x))
+    grad_x, grad_weight, grad_bias = op(grad_y, x, weight, mask_type, color_channels, dilation,
+                                        output_mask)
+    if output_mask[0]:
+        grad_x = grad_x.reshape(info.batch_size, -1, *grad_x.shape[1:])
+    # The weight and bias gradients are empty placeholders here, shared by the models.
+    return (grad_x, grad_weight, grad_bias), (0 if output_mask[0] else None, None, None)
+
+
 KERNEL_OP = _register.define_kernel_op(
     OP,
     forward_schema="(Tensor x, Tensor weight, Tensor? bias, int mask_type, int color_channels, "
@@ -188,7 +227,8 @@ KERNEL_OP = _register.define_kernel_op(
                     "Tensor grad_weight, Tensor grad_bias)",
     triton_launchers=_triton_launchers, check_forward=_check_kernel_args,
     check_backward=_check_kernel_backward_args, fake_forward=_fake_forward,
-    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
+    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    vmap_forward=_vmap_forward, vmap_backward=_vmap_backward)
 
 
 # ---- the public op ------------------------------------------------------------------------------
@@ -260,7 +300,6 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if backend == "reference":
         return masked_conv2d_reference(x, weight, bias, mask_type=mask_type,
                                        color_channels=color_channels, dilation=dilation)
-    return KERNEL_OP.forward(backend)(x.contiguous(), weight.contiguous(),
-                                      None if bias is None else bias.contiguous(),
-                                      _mask_type_index(mask_type), int(color_channels),
-                                      int(dilation))
+    return KERNEL_OP.apply(backend, x.contiguous(), weight.contiguous(),
+                           None if bias is None else bias.contiguous(),
+                           _mask_type_index(mask_type), int(color_channels), int(dilation))

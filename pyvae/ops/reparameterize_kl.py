@@ -4,6 +4,13 @@
 summed over the last dimension, in one pass over ``mu`` and ``logvar``. With ``eps=None`` the
 noise is generated inside the kernels by Philox (see :mod:`pyvae.ops._noise`) and regenerated in
 the backward pass instead of being stored.
+
+Under ``torch.func.vmap`` over K models (``pyvae.train.fit_grid``) the op is one launch on the
+stacked (K·rows, cols) tensor. The noise of ``eps=None`` (vmap needs ``randomness="same"`` or
+``"different"`` for the seed's draw; the default ``"error"`` refuses it): with ``"same"`` the one
+seed drawn per call is shared, and row r of model k is row k·rows + r of the stacked tensor, so
+every model gets its own Philox streams, exactly as one call on the models' concatenated rows;
+with ``"different"`` each model draws its own seed, and the op runs once per model.
 """
 from __future__ import annotations
 
@@ -17,6 +24,31 @@ from pyvae.ops._noise import philox_normal
 OP = "reparameterize_kl"
 
 
+@torch.library.custom_op("pyvae::philox_normal_like", mutates_args=())
+def philox_normal_like(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """The Philox noise of ``seed`` (:func:`pyvae.ops._noise.philox_normal`) for a tensor of
+    ``like``'s shape (..., cols), dtype and device: rows are the flattened leading dims. Only
+    ``like``'s shape is read. An op of its own for its vmap rule: under ``torch.func.vmap`` the
+    models' rows are stacked, as in the kernels' vmap rule, so each model gets its own noise."""
+    cols = like.shape[-1]
+    noise = philox_normal(seed, like.numel() // max(cols, 1), cols, dtype=like.dtype,
+                          device=like.device)
+    return noise.reshape(like.shape)
+
+
+@philox_normal_like.register_fake
+def _(like, seed):
+    return torch.empty_like(like)
+
+
+@philox_normal_like.register_vmap
+def _(info, in_dims, like, seed):
+    if in_dims[1] is not None:  # a seed per model (vmap's randomness="different")
+        return _register.per_model_rule(philox_normal_like, info, in_dims, like, seed)
+    (like,) = _register.batched_args(info, in_dims[:1], (like,))
+    return philox_normal_like(like, seed), 0
+
+
 def reparameterize_kl_reference(mu, logvar, eps=None, *, prior_mu=None, prior_logvar=None,
                                 seed=None):
     """Eager PyTorch version of the op: the ground truth of the tests.
@@ -27,8 +59,7 @@ def reparameterize_kl_reference(mu, logvar, eps=None, *, prior_mu=None, prior_lo
     acc = _checks.accumulation_dtype(mu.dtype)
     m, lv = mu.to(acc), logvar.to(acc)
     if eps is None:
-        d = mu.shape[-1]
-        eps = philox_normal(seed, mu.numel() // max(d, 1), d, dtype=acc).reshape(mu.shape)
+        eps = philox_normal_like(m.detach(), seed)
     z = (m + torch.exp(0.5 * lv) * eps.to(acc)).to(mu.dtype)
     if prior_mu is None:
         kl = 0.5 * (m * m + torch.exp(lv) - 1.0 - lv).sum(-1)
@@ -108,6 +139,46 @@ def _triton_launchers():
     return reparameterize_kl
 
 
+def _stacked_rows(info, in_dims, tensors):
+    """(K·rows, cols) tensors of the models' (rows, cols) ones (None stays None)."""
+    return [None if t is None else t.reshape(-1, t.shape[-1]).contiguous()
+            for t in _register.batched_args(info, in_dims, tensors)]
+
+
+def _vmap_forward(op, info, in_dims, mu, logvar, eps, seed, prior_mu, prior_logvar):
+    """vmap of the forward op: one launch on the models' stacked rows (with a seed per model,
+    vmap's randomness="different", one launch per model)."""
+    args = (mu, logvar, eps, seed, prior_mu, prior_logvar)
+    if in_dims[3] is not None:
+        return _register.per_model_rule(op, info, in_dims, *args)
+    rows = mu.shape[-2] if in_dims[0] is None else mu.movedim(in_dims[0], 0).shape[-2]
+    mu, logvar, eps, prior_mu, prior_logvar = _stacked_rows(
+        info, in_dims[:3] + in_dims[4:], (mu, logvar, eps, prior_mu, prior_logvar))
+    z, kl = op(mu, logvar, eps, seed, prior_mu, prior_logvar)
+    return (z.reshape(info.batch_size, rows, -1), kl.reshape(info.batch_size, rows)), (0, 0)
+
+
+def _vmap_backward(op, info, in_dims, grad_z, grad_kl, mu, logvar, eps, seed, prior_mu,
+                   prior_logvar):
+    """vmap of the backward op: one launch on the stacked rows, as the forward's."""
+    args = (grad_z, grad_kl, mu, logvar, eps, seed, prior_mu, prior_logvar)
+    if in_dims[5] is not None:
+        return _register.per_model_rule(op, info, in_dims, *args)
+    rows = mu.shape[-2] if in_dims[2] is None else mu.movedim(in_dims[2], 0).shape[-2]
+    grad_kl = None if grad_kl is None else (
+        grad_kl.movedim(in_dims[1], 0) if in_dims[1] is not None
+        else grad_kl.expand(info.batch_size, *grad_kl.shape)).reshape(-1).contiguous()
+    grad_z, mu, logvar, eps, prior_mu, prior_logvar = _stacked_rows(
+        info, (in_dims[0],) + in_dims[2:5] + in_dims[6:],
+        (grad_z, mu, logvar, eps, prior_mu, prior_logvar))
+    grads = op(grad_z, grad_kl, mu, logvar, eps, seed, prior_mu, prior_logvar)
+    # Without a prior its gradients are empty placeholders, shared by the models.
+    has_prior = prior_mu is not None
+    out = tuple(g.reshape(info.batch_size, rows, -1) if has_prior or k < 2 else g
+                for k, g in enumerate(grads))
+    return out, (0, 0) + ((0, 0) if has_prior else (None, None))
+
+
 KERNEL_OP = _register.define_kernel_op(
     OP,
     forward_schema="(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed, Tensor? prior_mu, "
@@ -117,7 +188,8 @@ KERNEL_OP = _register.define_kernel_op(
                     "Tensor grad_logvar, Tensor grad_prior_mu, Tensor grad_prior_logvar)",
     triton_launchers=_triton_launchers, check_forward=_check_kernel_args,
     check_backward=_check_kernel_backward_args, fake_forward=_fake_forward,
-    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
+    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    vmap_forward=_vmap_forward, vmap_backward=_vmap_backward)
 
 
 # ---- the public op ------------------------------------------------------------------------------
@@ -194,6 +266,6 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
     def as_rows(t):
         return None if t is None else t.reshape(rows, cols).contiguous()
 
-    z, kl = KERNEL_OP.forward(backend)(as_rows(mu), as_rows(logvar), as_rows(eps), seed,
-                                as_rows(prior_mu), as_rows(prior_logvar))
+    z, kl = KERNEL_OP.apply(backend, as_rows(mu), as_rows(logvar), as_rows(eps), seed,
+                            as_rows(prior_mu), as_rows(prior_logvar))
     return z.reshape(mu.shape), kl.reshape(mu.shape[:-1])

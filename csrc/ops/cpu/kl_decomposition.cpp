@@ -10,7 +10,9 @@
 // over i) into its own (D, B) buffers, summed afterwards in a fixed order — so the result does
 // not depend on the number of threads. Half-precision inputs are widened to float32 once
 // (O(B·D)); float32 loops are branch-free and vectorised by GCC (vec_math.h); float64 uses libm
-// (the gradcheck path).
+// (the gradcheck path). A (K, B, D) input is K independent batches (K models): the forward runs
+// in parallel over the K·B rows, the backward over the K·blocks blocks, each model with the blocks
+// (and so the bits) of its own (B, D) call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -283,22 +285,32 @@ void add_rows(T* into, const T* from, int64_t n) {
 
 // ---- tensors and threads -----------------------------------------------------------------------
 
-// Owns the compute-type copies behind a Pairs view.
+// Owns the compute-type copies behind the Pairs views of the K models (K = 1 for a 2-D input):
+// z (K, B, D), the posteriors transposed to (K, D, B).
 template <typename T>
 struct Batch {
   at::Tensor z, mu_t, inv_var_t, log_norm_t;
-  Pairs<T> pairs;
+  int64_t models, batch, dim;
+  T lw_self, lw_next, lw_other;
 
   Batch(const at::Tensor& z_in, const at::Tensor& mu_in, const at::Tensor& logvar_in,
-        double self, double next, double other) {
+        double self, double next, double other)
+      : models(kl_decomposition_models(z_in)), batch(z_in.size(-2)), dim(z_in.size(-1)),
+        lw_self(T(self)), lw_next(T(next)), lw_other(T(other)) {
     const at::ScalarType acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
     z = z_in.to(acc).contiguous();
-    mu_t = mu_in.to(acc).t().contiguous();
-    const at::Tensor logvar_t = logvar_in.to(acc).t();
+    mu_t = mu_in.to(acc).transpose(-1, -2).contiguous();
+    const at::Tensor logvar_t = logvar_in.to(acc).transpose(-1, -2);
     inv_var_t = at::exp(-logvar_t).contiguous();
     log_norm_t = ((logvar_t + kLog2Pi) * -0.5).contiguous();
-    pairs = Pairs<T>{z.data_ptr<T>(), mu_t.data_ptr<T>(), inv_var_t.data_ptr<T>(),
-                     log_norm_t.data_ptr<T>(), z.size(0), z.size(1), T(self), T(next), T(other)};
+  }
+
+  // Model k's batch.
+  Pairs<T> pairs(int64_t k) const {
+    const int64_t offset = k * batch * dim;
+    return Pairs<T>{z.data_ptr<T>() + offset, mu_t.data_ptr<T>() + offset,
+                    inv_var_t.data_ptr<T>() + offset, log_norm_t.data_ptr<T>() + offset,
+                    batch, dim, lw_self, lw_next, lw_other};
   }
 };
 
@@ -307,13 +319,16 @@ int64_t grain(int64_t batch, int64_t dim) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(batch * dim, 1));
 }
 
+// Parallel over the K·B rows (k, i) of every model; log_qz (K, B), lse_marginal (K, B, D).
 template <typename T>
-void forward_impl(const Pairs<T>& in, T* log_qz, T* lse_marginal) {
+void forward_impl(const Batch<T>& in, T* log_qz, T* lse_marginal) {
   const int64_t B = in.batch, D = in.dim;
-  at::parallel_for(0, B, grain(B, D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, in.models * B, grain(B, D), [&](int64_t begin, int64_t end) {
     std::vector<T> joint(B), x(B);
-    for (int64_t i = begin; i < end; ++i)
-      forward_one(in, i, joint.data(), x.data(), log_qz + i, lse_marginal + i * D);
+    for (int64_t row = begin; row < end; ++row) {
+      const Pairs<T> pairs = in.pairs(row / B);
+      forward_one(pairs, row % B, joint.data(), x.data(), log_qz + row, lse_marginal + row * D);
+    }
   });
 }
 
@@ -322,22 +337,22 @@ std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
     double log_weight_next, double log_weight_other) {
   check_kl_decomposition_args(z, mu, logvar);
   const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
-  at::Tensor log_qz = at::empty({z.size(0)}, acc);
+  at::Tensor log_qz = at::empty(z.sizes().slice(0, z.dim() - 1), acc);
   at::Tensor lse_marginal = at::empty(z.sizes(), acc);
-  if (z.size(0) == 0) return {log_qz, lse_marginal};
+  if (z.numel() == 0) return {log_qz, lse_marginal};
   if (acc.dtype() == at::kDouble) {
     const Batch<double> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    forward_impl(in.pairs, log_qz.data_ptr<double>(), lse_marginal.data_ptr<double>());
+    forward_impl(in, log_qz.data_ptr<double>(), lse_marginal.data_ptr<double>());
   } else {
     const Batch<float> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    forward_impl(in.pairs, log_qz.data_ptr<float>(), lse_marginal.data_ptr<float>());
+    forward_impl(in, log_qz.data_ptr<float>(), lse_marginal.data_ptr<float>());
   }
   return {log_qz, lse_marginal};
 }
 
 // The blocks of samples of the backward: a function of (B, D) only, never of the thread count,
 // so that the fixed-order sum of their buffers gives the same bits on every machine. At most
-// 16 blocks and 256 MB of buffers; at least ~64k pair-dimension terms per block (so that small
+// 16 blocks and 256 MB of buffers per model; at least ~64k pair-dimension terms per block (so that small
 // batches still use more than one thread).
 int64_t backward_blocks(int64_t batch, int64_t dim, int64_t elem_bytes) {
   const int64_t work = batch * batch * dim;
@@ -347,36 +362,50 @@ int64_t backward_blocks(int64_t batch, int64_t dim, int64_t elem_bytes) {
   return std::min({by_work, by_memory, int64_t(16), batch});
 }
 
+// Parallel over the K·blocks blocks (k, b); grad_z, grad_mu, grad_logvar are (K, B, D) in T.
 template <typename T>
-void backward_impl(const Pairs<T>& in, const std::optional<at::Tensor>& grad_log_qz,
+void backward_impl(const Batch<T>& in, const std::optional<at::Tensor>& grad_log_qz,
                    const std::optional<at::Tensor>& grad_lse_marginal, const at::Tensor& log_qz,
                    const at::Tensor& lse_marginal, at::Tensor& grad_z, at::Tensor& grad_mu,
                    at::Tensor& grad_logvar) {
-  const int64_t B = in.batch, D = in.dim;
-  const Upstream<T> up{grad_log_qz.has_value() ? grad_log_qz->data_ptr<T>() : nullptr,
-                       grad_lse_marginal.has_value() ? grad_lse_marginal->data_ptr<T>() : nullptr,
-                       log_qz.data_ptr<T>(), lse_marginal.data_ptr<T>()};
+  const int64_t K = in.models, B = in.batch, D = in.dim;
+  const T* g_log_qz = grad_log_qz.has_value() ? grad_log_qz->data_ptr<T>() : nullptr;
+  const T* g_lse = grad_lse_marginal.has_value() ? grad_lse_marginal->data_ptr<T>() : nullptr;
+  const T* saved_log_qz = log_qz.data_ptr<T>();
+  const T* saved_lse = lse_marginal.data_ptr<T>();
   const int64_t blocks = backward_blocks(B, D, sizeof(T));
-  // acc[b] = (grad_mu^T, grad_logvar^T) of block b's samples, each (D, B).
-  at::Tensor acc = at::zeros({blocks, 2, D, B}, grad_z.options());
+  const int64_t block_size = 2 * D * B;
+  // acc[k, b] = (grad_mu^T, grad_logvar^T) of model k's block b of samples, each (D, B).
+  at::Tensor acc = at::zeros({K, blocks, 2, D, B}, grad_z.options());
   T* g_z = grad_z.data_ptr<T>();
   T* acc_data = acc.data_ptr<T>();
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, K * blocks, 1, [&](int64_t first, int64_t last) {
     std::vector<T> p(B), x(B), ct(B);
-    for (int64_t b = first; b < last; ++b) {
-      T* acc_mu = acc_data + b * 2 * D * B;
+    for (int64_t kb = first; kb < last; ++kb) {
+      const int64_t k = kb / blocks, b = kb % blocks;
+      const Pairs<T> pairs = in.pairs(k);
+      const Upstream<T> up{g_log_qz == nullptr ? nullptr : g_log_qz + k * B,
+                           g_lse == nullptr ? nullptr : g_lse + k * B * D, saved_log_qz + k * B,
+                           saved_lse + k * B * D};
+      T* acc_mu = acc_data + kb * block_size;
       for (int64_t i = b * B / blocks; i < (b + 1) * B / blocks; ++i)
-        backward_one(in, up, i, p.data(), x.data(), ct.data(), g_z + i * D, acc_mu,
+        backward_one(pairs, up, i, p.data(), x.data(), ct.data(), g_z + (k * B + i) * D, acc_mu,
                      acc_mu + D * B);
     }
   });
-  // Block 0 += blocks 1, 2, ... in order, parallel over the (2, D, B) entries.
-  at::parallel_for(0, 2 * D * B, int64_t(1) << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t b = 1; b < blocks; ++b)
-      add_rows(acc_data + begin, acc_data + b * 2 * D * B + begin, end - begin);
+  // Each model's block 0 += its blocks 1, 2, ... in order, parallel over the K·(2, D, B) entries.
+  at::parallel_for(0, K * block_size, int64_t(1) << 14, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t k = begin / block_size, e = begin % block_size;
+      const int64_t n = std::min(end - begin, block_size - e);
+      T* model = acc_data + k * blocks * block_size;
+      for (int64_t b = 1; b < blocks; ++b) add_rows(model + e, model + b * block_size + e, n);
+      begin += n;
+    }
   });
-  grad_mu.copy_(acc[0][0].t());
-  grad_logvar.copy_(acc[0][1].t());
+  const at::Tensor first = acc.select(1, 0);  // (K, 2, D, B)
+  grad_mu.view({K, B, D}).copy_(first.select(1, 0).transpose(-1, -2));
+  grad_logvar.view({K, B, D}).copy_(first.select(1, 1).transpose(-1, -2));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cpu(
@@ -388,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cpu(
   check_kl_decomposition_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
                                        lse_marginal);
   const at::ScalarType acc = accumulation_dtype(z.scalar_type());
-  if ((!grad_log_qz.has_value() && !grad_lse_marginal.has_value()) || z.size(0) == 0) {
+  if ((!grad_log_qz.has_value() && !grad_lse_marginal.has_value()) || z.numel() == 0) {
     return {at::zeros_like(z), at::zeros_like(z), at::zeros_like(z)};
   }
   // Accumulated in the compute type, then rounded once to the input dtype.
@@ -397,11 +426,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cpu(
   at::Tensor grad_logvar = at::empty_like(grad_z);
   if (acc == at::kDouble) {
     const Batch<double> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    backward_impl(in.pairs, grad_log_qz, grad_lse_marginal, log_qz, lse_marginal, grad_z, grad_mu,
+    backward_impl(in, grad_log_qz, grad_lse_marginal, log_qz, lse_marginal, grad_z, grad_mu,
                   grad_logvar);
   } else {
     const Batch<float> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    backward_impl(in.pairs, grad_log_qz, grad_lse_marginal, log_qz, lse_marginal, grad_z, grad_mu,
+    backward_impl(in, grad_log_qz, grad_lse_marginal, log_qz, lse_marginal, grad_z, grad_mu,
                   grad_logvar);
   }
   const at::ScalarType out = z.scalar_type();

@@ -11,6 +11,9 @@
 // 32 * kMaxDimsPerLane = 256 is walked in chunks of 256 dims; then the joint score of a pair is
 // recomputed over all D by the lane group straight from global memory (kFused = false).
 //
+// K models' batches, (K, B, D), are one launch: blockIdx.y is the model k, whose rows the kernels
+// reach through model_params (grids of more than 65535 models are launched in slices of that).
+//
 // Logsumexps run in base 2 on log2-scaled terms. The forward keeps a running (max, sum) per
 // output and pushes one term at a time, which costs one exp2 per term: no tile-wide max pass and
 // no rescale. Every pair term is visited in a fixed order, so the results are deterministic; no
@@ -203,10 +206,39 @@ struct BackwardParams {
   Geometry geo;
 };
 
+// The params of model k: every pointer moved to model k's (B,) and (B, D) slices.
+template <typename T>
+__host__ __device__ ForwardParams<T> model_params(ForwardParams<T> p, int64_t k) {
+  const int64_t rows = k * p.batch, elements = rows * p.dim;
+  p.z += elements;
+  p.mu += elements;
+  p.logvar += elements;
+  p.log_qz += rows;
+  p.lse_marginal += elements;
+  return p;
+}
+
+template <typename T>
+__host__ __device__ BackwardParams<T> model_params(BackwardParams<T> p, int64_t k) {
+  const int64_t rows = k * p.batch, elements = rows * p.dim;
+  if (p.grad_log_qz != nullptr) p.grad_log_qz += rows;
+  if (p.grad_lse_marginal != nullptr) p.grad_lse_marginal += elements;
+  p.z += elements;
+  p.mu += elements;
+  p.logvar += elements;
+  p.log_qz += rows;
+  p.lse_marginal += elements;
+  p.grad_z += elements;
+  p.grad_mu += elements;
+  p.grad_logvar += elements;
+  return p;
+}
+
 // One row i per lane group: log_qz[i] and lse_marginal[i, :], streaming all j in staged tiles.
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
-    kl_decomposition_forward_kernel(const ForwardParams<T> p) {
+    kl_decomposition_forward_kernel(const ForwardParams<T> params) {
+  const ForwardParams<T> p = model_params(params, blockIdx.y);
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const Geometry geo = p.geo;
@@ -293,7 +325,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 // all j in staged tiles. Rows past the batch read zero gradients and store nothing.
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
-    kl_decomposition_grad_z_kernel(const BackwardParams<T> p) {
+    kl_decomposition_grad_z_kernel(const BackwardParams<T> params) {
+  const BackwardParams<T> p = model_params(params, blockIdx.y);
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const Geometry geo = p.geo;
@@ -390,7 +423,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 // q = (z_id - mu_jd) t. Each block owns its output rows, so the sums need no atomics.
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
-    kl_decomposition_grad_posterior_kernel(const BackwardParams<T> p) {
+    kl_decomposition_grad_posterior_kernel(const BackwardParams<T> params) {
+  const BackwardParams<T> p = model_params(params, blockIdx.y);
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const Geometry geo = p.geo;
@@ -524,9 +558,10 @@ Geometry make_geometry(int64_t batch, int64_t dim) {
   return geo;
 }
 
-// Threads per block: kMaxThreads, halved (down to kMinThreads) while the grid would leave SMs
-// idle, so that mid-sized batches still spread over the device.
-cudaError_t block_threads(int64_t batch, int lanes_log2, int* threads) {
+// Threads per block: kMaxThreads, halved (down to kMinThreads) while the grid (row blocks of all
+// the models) would leave SMs idle, so that mid-sized batches still spread over the device. The
+// block size changes no result: each row's terms are visited in the same order.
+cudaError_t block_threads(int64_t models, int64_t batch, int lanes_log2, int* threads) {
   int device = 0;
   int sm_count = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -537,7 +572,7 @@ cudaError_t block_threads(int64_t batch, int lanes_log2, int* threads) {
   int t = kMaxThreads;
   while (t > kMinThreads) {
     const int64_t rows_per_block = t >> lanes_log2;
-    const int64_t blocks = (batch + rows_per_block - 1) / rows_per_block;
+    const int64_t blocks = models * ((batch + rows_per_block - 1) / rows_per_block);
     if (blocks >= 2 * static_cast<int64_t>(sm_count)) break;
     t >>= 1;
   }
@@ -545,13 +580,22 @@ cudaError_t block_threads(int64_t batch, int lanes_log2, int* threads) {
   return cudaSuccess;
 }
 
+constexpr int64_t kMaxGridY = 65535;
+
+// Grid (row blocks, models): one launch per slice of at most kMaxGridY models.
 template <typename Kernel, typename Params>
-cudaError_t launch(Kernel kernel, const Params& params, int threads, size_t smem_bytes,
-                   cudaStream_t stream) {
+cudaError_t launch(Kernel kernel, const Params& params, int64_t models, int threads,
+                   size_t smem_bytes, cudaStream_t stream) {
   const int64_t rows_per_block = threads >> params.geo.lanes_log2;
   const int64_t blocks = (params.batch + rows_per_block - 1) / rows_per_block;
-  kernel<<<static_cast<unsigned>(blocks), threads, smem_bytes, stream>>>(params);
-  return cudaGetLastError();
+  for (int64_t k0 = 0; k0 < models; k0 += kMaxGridY) {
+    const dim3 grid(static_cast<unsigned>(blocks),
+                    static_cast<unsigned>(std::min(models - k0, kMaxGridY)));
+    kernel<<<grid, threads, smem_bytes, stream>>>(model_params(params, k0));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <typename T>
@@ -569,13 +613,15 @@ cudaError_t forward_typed(const KLDecompositionForward& args, cudaStream_t strea
                           args.dim,
                           make_geometry<T>(args.batch, args.dim)};
   int threads = 0;
-  const cudaError_t err = block_threads(args.batch, params.geo.lanes_log2, &threads);
+  const cudaError_t err = block_threads(args.models, args.batch, params.geo.lanes_log2, &threads);
   if (err != cudaSuccess) return err;
   const size_t smem = 3 * static_cast<size_t>(params.geo.tile_rows) * params.geo.chunk * sizeof(A);
   if (args.dim <= params.geo.chunk) {
-    return launch(kl_decomposition_forward_kernel<T, true>, params, threads, smem, stream);
+    return launch(kl_decomposition_forward_kernel<T, true>, params, args.models, threads, smem,
+                  stream);
   }
-  return launch(kl_decomposition_forward_kernel<T, false>, params, threads, smem, stream);
+  return launch(kl_decomposition_forward_kernel<T, false>, params, args.models, threads, smem,
+                stream);
 }
 
 template <typename T>
@@ -598,18 +644,21 @@ cudaError_t backward_typed(const KLDecompositionBackward& args, cudaStream_t str
                            args.dim,
                            make_geometry<T>(args.batch, args.dim)};
   int threads = 0;
-  cudaError_t err = block_threads(args.batch, params.geo.lanes_log2, &threads);
+  cudaError_t err = block_threads(args.models, args.batch, params.geo.lanes_log2, &threads);
   if (err != cudaSuccess) return err;
   const size_t tile = static_cast<size_t>(params.geo.tile_rows) * params.geo.chunk;
   const size_t smem_z = 3 * tile * sizeof(A);
   const size_t smem_posterior = (3 * tile + 2 * params.geo.tile_rows) * sizeof(A);
   const bool fused = args.dim <= params.geo.chunk;
-  err = fused ? launch(kl_decomposition_grad_z_kernel<T, true>, params, threads, smem_z, stream)
-              : launch(kl_decomposition_grad_z_kernel<T, false>, params, threads, smem_z, stream);
+  const int64_t models = args.models;
+  err = fused ? launch(kl_decomposition_grad_z_kernel<T, true>, params, models, threads, smem_z,
+                       stream)
+              : launch(kl_decomposition_grad_z_kernel<T, false>, params, models, threads, smem_z,
+                       stream);
   if (err != cudaSuccess) return err;
-  return fused ? launch(kl_decomposition_grad_posterior_kernel<T, true>, params, threads,
+  return fused ? launch(kl_decomposition_grad_posterior_kernel<T, true>, params, models, threads,
                         smem_posterior, stream)
-               : launch(kl_decomposition_grad_posterior_kernel<T, false>, params, threads,
+               : launch(kl_decomposition_grad_posterior_kernel<T, false>, params, models, threads,
                         smem_posterior, stream);
 }
 
@@ -629,17 +678,18 @@ size_t element_size(ScalarKind kind) {
 }  // namespace
 
 cudaError_t kl_decomposition_forward(const KLDecompositionForward& args, cudaStream_t stream) {
-  if (args.batch == 0) return cudaSuccess;
+  if (args.models == 0 || args.batch == 0) return cudaSuccess;
   return dispatch_scalar_kind(args.kind, [&](auto* tag) {
     return forward_typed<std::remove_pointer_t<decltype(tag)>>(args, stream);
   });
 }
 
 cudaError_t kl_decomposition_backward(const KLDecompositionBackward& args, cudaStream_t stream) {
-  if (args.batch == 0 || args.dim == 0) return cudaSuccess;
+  if (args.models == 0 || args.batch == 0 || args.dim == 0) return cudaSuccess;
   if (args.grad_log_qz == nullptr && args.grad_lse_marginal == nullptr) {
     // No incoming gradient: all three gradients are zero (all-zero bits in every dtype).
-    const size_t bytes = static_cast<size_t>(args.batch * args.dim) * element_size(args.kind);
+    const size_t bytes =
+        static_cast<size_t>(args.models * args.batch * args.dim) * element_size(args.kind);
     cudaError_t err = cudaMemsetAsync(args.grad_z, 0, bytes, stream);
     if (err == cudaSuccess) err = cudaMemsetAsync(args.grad_mu, 0, bytes, stream);
     if (err == cudaSuccess) err = cudaMemsetAsync(args.grad_logvar, 0, bytes, stream);

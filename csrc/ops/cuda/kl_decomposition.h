@@ -9,7 +9,8 @@
 namespace pyvae {
 namespace cuda {
 
-// z, mu, logvar: contiguous (B, D) in the input dtype. log_qz, lse_marginal and the incoming
+// z, mu, logvar: contiguous (K, B, D) in the input dtype: K models' batches (K = 1 for a (B, D)
+// input), each computed on its own. log_qz, lse_marginal and the incoming
 // gradients are float32 (float64 for float64 inputs); grad_z/mu/logvar are in the input dtype.
 struct KLDecompositionForward {
   const void* z;
@@ -18,16 +19,17 @@ struct KLDecompositionForward {
   double log_weight_self;
   double log_weight_next;
   double log_weight_other;
-  void* log_qz;        // (B,)
-  void* lse_marginal;  // (B, D)
+  void* log_qz;        // (K, B)
+  void* lse_marginal;  // (K, B, D)
+  int64_t models;
   int64_t batch;
   int64_t dim;
   ScalarKind kind;
 };
 
 struct KLDecompositionBackward {
-  const void* grad_log_qz;        // (B,), nullptr: zero
-  const void* grad_lse_marginal;  // (B, D), nullptr: zero
+  const void* grad_log_qz;        // (K, B), nullptr: zero
+  const void* grad_lse_marginal;  // (K, B, D), nullptr: zero
   const void* z;
   const void* mu;
   const void* logvar;
@@ -39,6 +41,7 @@ struct KLDecompositionBackward {
   void* grad_z;
   void* grad_mu;
   void* grad_logvar;
+  int64_t models;
   int64_t batch;
   int64_t dim;
   ScalarKind kind;
