@@ -3,8 +3,15 @@
 For a batch of B samples ``z_i ~ q(z | x_i)`` with diagonal Gaussian posteriors
 ``N(mu_j, exp(logvar_j))`` from a data set of N points, the aggregate posterior q(z) and the
 product of its marginals are estimated from the batch by weighted logsumexps over all pairs
-(i, j) (minibatch-weighted or minibatch-stratified sampling, DESIGN.md §1), and the average KL
-to the prior splits into index-code mutual information, total correlation and dimension-wise KL.
+(i, j), with ``ell_ijd = log N(z_id; mu_jd, exp(logvar_jd))``:
+
+    log q(z_i)     ≈ logsumexp_j (log w_ij + Σ_d ell_ijd)
+    log q(z_id)    ≈ logsumexp_j (log w_ij + ell_ijd)
+
+where minibatch-weighted sampling (MWS) takes w_ij = 1/(N·B) for every pair and
+minibatch-stratified sampling (MSS) the weights of :func:`mss_log_weights`. The average KL to
+the prior then splits into index-code mutual information, total correlation and dimension-wise
+KL (see :class:`KLTerms`).
 
 The kernels (cpu, cuda, triton) stream over j with an online logsumexp and keep O(B·D) memory;
 they compute only ``log_qz`` and the per-dimension logsumexps, everything else is elementwise.
