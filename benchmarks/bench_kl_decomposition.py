@@ -80,3 +80,47 @@ def test_kl_decomposition(benchmark, batch, dim, dtype, mode, impl):
     timed(benchmark, step, device=DEVICE, rounds=3 if slow else 10,
           warmup=1 if impl != "compile" else 2, op="kl_decomposition", impl=impl,
           shape=f"{batch}x{dim}", dtype=str(dtype)[6:], mode=mode, exps=exps)
+
+
+# ---- K models at once: one (K, B, D) launch against a loop of K (B, D) calls ---------------------
+
+MODELS, MODEL_BATCH, MODEL_DIM = 16, 256, 10
+MODEL_IMPLS = ["eager"] + [b for b in available_backends(DEVICE) if b != "reference"]
+
+
+def model_cases():
+    for mode in ("forward", "forward+backward"):
+        for impl in MODEL_IMPLS:
+            for launch in ("one-launch", "loop"):
+                name = f"{MODELS}x{MODEL_BATCH}x{MODEL_DIM}-{mode}-{impl}-{launch}"
+                yield pytest.param(mode, impl, launch, id=name, marks=[pytest.mark.quick])
+
+
+@pytest.mark.parametrize("mode,impl,launch", list(model_cases()))
+def test_kl_decomposition_models(benchmark, mode, impl, launch):
+    """K = 16 models' (B, D) = (256, 10) batches (a pyvae.train.fit_grid step): the (K, B, D)
+    call against a loop of K calls, same run; impl ``<backend>-loop`` in the results is the loop."""
+    fn = implementation(impl)
+    grad = mode != "forward"
+    mu = torch.randn(MODELS, MODEL_BATCH, MODEL_DIM, device=DEVICE)
+    logvar = 0.5 * torch.randn_like(mu)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    z, mu, logvar = (t.requires_grad_(grad) for t in (z, mu, logvar))
+
+    def terms():
+        if launch == "one-launch":
+            return [fn(z, mu, logvar)]
+        return [fn(z[k], mu[k], logvar[k]) for k in range(MODELS)]
+
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                terms()
+    else:
+        def step():
+            total = sum((t.mi + 6.0 * t.tc + t.dim_kl).sum() for t in terms())
+            total.backward()
+    timed(benchmark, step, device=DEVICE, rounds=20, warmup=2, op="kl_decomposition",
+          impl=impl if launch == "one-launch" else f"{impl}-loop",
+          shape=f"{MODELS}x{MODEL_BATCH}x{MODEL_DIM}", dtype="float32", mode=mode,
+          exps=MODELS * MODEL_BATCH * MODEL_BATCH * MODEL_DIM)
