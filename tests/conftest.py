@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -140,8 +141,12 @@ def assert_vmap_matches_loop(fn, args, in_dims, *, rtol: float, atol: float,
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
                                    msg=lambda m: f"{what}: {m}")
 
-    # forward
-    actual = torch.func.vmap(fn, in_dims=in_dims)(*args)
+    # forward, by the ops' vmap rules (PyTorch's per-model fallback warns)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = torch.func.vmap(fn, in_dims=in_dims)(*args)
+    fallbacks = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    assert not fallbacks, fallbacks
     loop = [fn(*_model_args(args, in_dims, k)) for k in range(k_models)]
     if isinstance(actual, torch.Tensor):
         check(actual, torch.stack(loop), "vmap forward")
