@@ -10,10 +10,8 @@ axis: line plots under the same names; always the rate-distortion plane of all m
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -129,18 +127,8 @@ def grid_report(run_dir: Path, out: Path) -> Path:
     table.append("")
 
     last_step = max((r["step"] for r in records), default=None)
-    text = [f"# Grid run report: {run_dir.resolve().name}", "",
-            f"- run: `{run_dir.resolve()}`", f"- models: {len(points)}",
-            f"- model: {described['models'][0].get('name', 'unknown')}",
-            f"- varied: {', '.join(described.get('varied', [])) or 'nothing'}",
-            f"- steps: {last_step if last_step is not None else 'unknown'}",
-            f"- generated: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
-    if rep.notes:
-        text += ["## Notes", ""] + [f"- {note}" for note in rep.notes] + [""]
-    for title, lines in rep.sections:
-        text += [f"## {title}", ""] + lines
-    path = out / "report.md"
-    staged = out / f".report.md.tmp-{os.getpid()}"
-    staged.write_text("\n".join(text).rstrip() + "\n")
-    os.replace(staged, path)
-    return path
+    return rep.write(f"Grid run report: {run_dir.resolve().name}",
+                     [f"run: `{run_dir.resolve()}`", f"models: {len(points)}",
+                      f"model: {described['models'][0].get('name', 'unknown')}",
+                      f"varied: {', '.join(described.get('varied', [])) or 'nothing'}",
+                      f"steps: {last_step if last_step is not None else 'unknown'}"])

@@ -98,6 +98,22 @@ class _Report:
         lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
         return written
 
+    def write(self, title: str, facts: list[str]) -> Path:
+        """Write ``out/report.md`` (atomically): the title, ``facts`` as a list with the time
+        of generation, the notes and the sections; returns its path."""
+        generated = datetime.datetime.now().isoformat(timespec="seconds")
+        text = [f"# {title}", ""] + [f"- {fact}" for fact in facts + [f"generated: {generated}"]]
+        text.append("")
+        if self.notes:
+            text += ["## Notes", ""] + [f"- {note}" for note in self.notes] + [""]
+        for heading, lines in self.sections:
+            text += [f"## {heading}", ""] + lines
+        path = self.out / "report.md"
+        staged = self.out / f".report.md.tmp-{os.getpid()}"
+        staged.write_text("\n".join(text).rstrip() + "\n")
+        os.replace(staged, path)
+        return path
+
 
 def _read_config(run_dir: Path, notes: list[str]) -> dict:
     path = run_dir / "config.json"
@@ -506,19 +522,9 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
         configuration += ["No configuration recorded.", ""]
 
     last_step = max((r["step"] for r in records), default=None)
-    text = [f"# Training run report: {run_dir.resolve().name}", "",
-            f"- run: `{run_dir.resolve()}`", f"- model: {model_name}",
-            f"- steps: {last_step if last_step is not None else 'unknown'}",
-            f"- generated: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
-    if rep.notes:
-        text += ["## Notes", ""] + [f"- {note}" for note in rep.notes] + [""]
-    for title, lines in rep.sections:
-        text += [f"## {title}", ""] + lines
-    path = out / "report.md"
-    staged = out / f".report.md.tmp-{os.getpid()}"
-    staged.write_text("\n".join(text).rstrip() + "\n")
-    os.replace(staged, path)
-    return path
+    return rep.write(f"Training run report: {run_dir.resolve().name}",
+                     [f"run: `{run_dir.resolve()}`", f"model: {model_name}",
+                      f"steps: {last_step if last_step is not None else 'unknown'}"])
 
 
 # ---- pyvae report ----------------------------------------------------------------------------

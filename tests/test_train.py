@@ -472,10 +472,9 @@ fit(model, ToyImages(n=24), out_dir=sys.argv[1], **KILL_RUN)
 KILL_RUN = dict(steps=30, batch_size=4, lr=1e-2, checkpoint_every=3, progress=False, log_every=1)
 
 
-def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(KILL_SCRIPT.format(tests=TESTS_DIR))
-    out = tmp_path / "killed"
+def kill_after_first_checkpoint(script, out) -> None:
+    """Run the Python file ``script`` with argument ``out`` and SIGKILL it 0.2 s after
+    ``out/checkpoint/state.pt`` appears (maybe while it writes the next checkpoint)."""
     process = subprocess.Popen([sys.executable, str(script), str(out)],
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -489,6 +488,13 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(KILL_SCRIPT.format(tests=TESTS_DIR))
+    out = tmp_path / "killed"
+    kill_after_first_checkpoint(script, out)
     killed_at = load_checkpoint(out)["step"]
     assert 3 <= killed_at <= 18 and killed_at % 3 == 0
 

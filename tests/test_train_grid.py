@@ -2,10 +2,7 @@
 SIGKILL, the files of a grid run, its errors, `pyvae train-grid` and `pyvae report` on a grid."""
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +16,7 @@ from pyvae.train.grid import varied_keys
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS_DIR)
-from test_train import ToyImages  # noqa: E402
+from test_train import ToyImages, kill_after_first_checkpoint  # noqa: E402
 
 RUN = dict(steps=4, batch_size=8, log_every=1, checkpoint_every=None, progress=False, seed=7)
 
@@ -164,19 +161,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_grid(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(KILL_SCRIPT.format(tests=TESTS_DIR))
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(script), str(out)],
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "checkpoint" / "state.pt").exists():
-            assert process.poll() is None, "the training script ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint after 60 s"
-            time.sleep(0.01)
-        time.sleep(0.2)  # let it run on, maybe into writing a checkpoint
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    kill_after_first_checkpoint(script, out)
     killed_at = load_checkpoint(out)["step"]
     assert 3 <= killed_at < 24 and killed_at % 3 == 0
     with use_backend("reference"):
@@ -216,6 +201,20 @@ def test_grid_errors(tmp_path):
     with pytest.raises(TypeError, match="unknown keyword arguments"):
         fit_grid(mlp_vae, VAE_GRID, data, out_dir=out, learning_rate=1.0, **RUN)
     assert not (out / "checkpoint").exists()
+
+
+class NoisyVAE(VAE):
+    """A VAE whose loss also draws torch.randn: noise fit_grid cannot give to each model."""
+
+    def loss(self, x, kl_weight=1.0):
+        return super().loss(x + 0.01 * torch.randn(x.shape), kl_weight)
+
+
+def test_other_random_draws_are_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match="draws random numbers other than the noise seeds"):
+        fit_grid(lambda beta: NoisyVAE(2, 1, 8, beta=beta, architecture="mlp", hidden=8),
+                 [{"beta": 1.0}, {"beta": 2.0}], ToyImages(n=32, size=8),
+                 out_dir=tmp_path / "run", **RUN)
 
 
 def test_grid_product_and_varied_keys():

@@ -677,8 +677,16 @@ class _GridTrainer:
                 self.layout = MetricLayout(output, extra=extra)
             return output.loss, self.layout.pack(output)
 
-        with self._autocast():
-            return vmap(one_model)(self.params, self.hyper, self.noise.draw(self.draws))
+        try:
+            with self._autocast():
+                return vmap(one_model)(self.params, self.hyper, self.noise.draw(self.draws))
+        except RuntimeError as error:
+            if "randomness" not in str(error):
+                raise
+            raise RuntimeError(
+                f"fit_grid: {type(self.template).__name__}.loss draws random numbers other than "
+                f"the noise seeds of pyvae's ops (e.g. torch.randn or dropout), which cannot be "
+                f"given to each model of the grid: {error}") from None
 
     def _train_step(self, x: torch.Tensor, kl: float, lrs: torch.Tensor) -> list[float]:
         """One batched step; returns the K models' packed metrics, concatenated (K·M floats).
