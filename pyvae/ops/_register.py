@@ -93,7 +93,9 @@ def _autograd_function(label: str, forward_op, backward_op, setup_context, backw
     def function_forward(*args):
         return forward_op(*args)
 
-    # The backward ops have no derivative of their own: differentiating twice raises.
+    # The backward ops have no derivative of their own (once_differentiable, which torch.func
+    # needs here): a second derivative through them raises when the incoming gradients require
+    # grad, and is missing (their outputs do not require grad) when only the inputs do.
     @torch.autograd.function.once_differentiable
     def function_backward(ctx, *grads):
         return backward(ctx, backward_op, *grads)
