@@ -261,3 +261,32 @@ def test_train_grid_help(capsys):
     text = capsys.readouterr().out
     for flag in ("--grid FILE", "--grid-arg KEY=V1,V2", "--model-seed", "--resume", "models/000"):
         assert flag in text
+
+
+def test_a_nonfinite_step_raises_and_keeps_the_last_good_checkpoint(tmp_path):
+    from test_train import ToyVAE
+    from pyvae.train import TrainingDiverged
+    with pytest.raises(TrainingDiverged, match="at step 6: non-finite model 0 loss=nan") as error:
+        fit_grid(lambda: ToyVAE(nan_at_call=6), [{"seed": 0}, {"seed": 1}],
+                 ToyImages(n=16), out_dir=tmp_path, steps=10, batch_size=4,
+                 checkpoint_every=4, progress=False, log_every=1)
+    assert "model 1 rate_bits" in error.value.nonfinite
+    assert error.value.checkpoint == tmp_path / "checkpoint"
+    assert load_checkpoint(tmp_path)["step"] == 4
+
+
+def test_grid_axes_and_a_one_axis_report(tmp_path):
+    from pyvae.grid_report import grid_axes
+    points = [{"betas": [1.0, b], "seed": s} for b in (0.5, 4.0) for s in (0, 1)]
+    assert grid_axes(points) == [("betas[1]", [0.5, 0.5, 4.0, 4.0])]
+    (tmp_path / "grid.json").write_text(json.dumps(
+        {"points": points, "models": [{"name": "HierarchicalVAE"}] * 4,
+         "varied": ["betas", "seed"]}))
+    records = [{"split": "train", "step": 3, "model": k, "loss": 1.0 + k, "distortion": 1.0,
+                "rate_bits": float(k)} for k in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["report", str(tmp_path)]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "(mean over 2 seeds) over betas[1]" in text
+    assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == [
+        "grid_distortion.png", "grid_rate.png", "rate_distortion.png"]
