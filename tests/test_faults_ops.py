@@ -263,3 +263,33 @@ def test_masked_conv2d_nan_at_masked_weights_is_ignored_on_every_backend(backend
     torch.testing.assert_close(y, expected, rtol=2e-5, atol=2e-5)
     y.sum().backward()
     assert torch.isfinite(poisoned.grad).all() and poisoned.grad[mask == 0].eq(0).all()
+
+
+def _op_calls(device):
+    """Each op as a function of one input tensor x (requires grad), on fresh random inputs."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(5, 3, generator=g).to(device)
+    weight = torch.randn(4, 2, 3, 3, generator=g).to(device)
+    return {
+        "reparameterize_kl": (mu, lambda x: reparameterize_kl(x, 0.1 * x, torch.ones_like(x))[1]),
+        "kl_decomposition": (mu, lambda x: kl_decomposition(x, 0.5 * x, -x.abs(), 100).tc),
+        "masked_conv2d": (torch.randn(2, 2, 5, 5, generator=g).to(device),
+                          lambda x: masked_conv2d(x, weight, mask_type="B")),
+    }
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["reparameterize_kl", "kl_decomposition", "masked_conv2d"])
+def test_second_derivatives_are_refused_not_silently_wrong(backend, device, op):
+    # A double backward through a kernel would miss the second-order terms of the kernel itself:
+    # it is an error naming the op; the reference backend computes it.
+    x0, f = _op_calls(device)[op]
+    x = x0.clone().requires_grad_()
+    with use_backend(backend):
+        first, = torch.autograd.grad(f(x).square().sum(), x)  # first order: fine
+        assert torch.isfinite(first).all()
+        with pytest.raises(RuntimeError, match=f"pyvae.ops.{op}: second derivatives"):
+            torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+    with use_backend("reference"):
+        grad, = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        assert grad.requires_grad

@@ -94,11 +94,21 @@ def _autograd_function(label: str, forward_op, backward_op, setup_context, backw
         return forward_op(*args)
 
     # The backward ops have no derivative of their own (once_differentiable, which torch.func
-    # needs here): a second derivative through them raises when the incoming gradients require
-    # grad, and is missing (their outputs do not require grad) when only the inputs do.
+    # needs here). A plain autograd double backward (create_graph=True outside torch.func) would
+    # silently miss the second-order terms through the kernel when only the inputs require grad,
+    # so it is refused; torch.func.grad runs its backward with grad mode on at a functorch level.
     @torch.autograd.function.once_differentiable
-    def function_backward(ctx, *grads):
+    def first_order_backward(ctx, *grads):
         return backward(ctx, backward_op, *grads)
+
+    def function_backward(ctx, *grads):
+        if torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None:
+            raise RuntimeError(
+                f"pyvae.ops.{label.rsplit('_', 1)[0]}: second derivatives (backward with "
+                f"create_graph=True) through pyvae's "
+                f"kernels are not supported; run the op on the reference backend "
+                f"(pyvae.ops.use_backend('reference')) for higher-order gradients")
+        return first_order_backward(ctx, *grads)
 
     return type(label, (torch.autograd.Function,), {
         "generate_vmap_rule": True,
