@@ -77,11 +77,12 @@ def test_grid_equals_separate_fits(tmp_path, backend):
     (lambda **kw: HierarchicalVAE([3, 2], channels=1, image_size=8, hidden=16, **kw),
      [{"betas": [1.0, 1.0]}, {"betas": [0.5, 4.0], "seed": 1}]),
 ], ids=["BetaTCVAE", "HierarchicalVAE"])
-def test_grid_of_other_models_equals_separate_fits(tmp_path, make_model, grid):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_grid_of_other_models_equals_separate_fits(tmp_path, make_model, grid, backend):
     data = ToyImages(n=32, size=8)
     settings = {**RUN, "steps": 3, "grad_clip": 1.0, "lr_schedule": "cosine",
                 "lr_warmup_steps": 1}
-    with use_backend("reference"):
+    with use_backend(backend):
         result = fit_grid(make_model, grid, data, out_dir=tmp_path / "grid", **settings)
         for k, point in enumerate(grid):
             alone = fit_alone(make_model, point, data, tmp_path / f"fit{k}", **settings)

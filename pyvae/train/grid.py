@@ -448,6 +448,7 @@ def fit_grid(make_model: Callable[..., BaseVAE], grid: list[dict], dataset: Data
         trainer = _GridTrainer(models, grid, seeds, lrs, dataset, out_dir, config,
                                torch.device(device) if device is not None else models[0].device,
                                extra_config or {}, progress)
+        del models  # the trainer holds the stacked copies of their tensors
         return trainer.run()
 
 
