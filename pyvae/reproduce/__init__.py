@@ -17,9 +17,9 @@ name                        seed   what
 ``tcvae_decomposition``     003    MI / TC / dimension-wise KL of β-VAE and β-TCVAE for
                                    β ∈ {1, 3, 6}; MSS against MWS, and a Gaussian with known TC
 ``layer_rates``             002    two-layer hierarchical VAE on a (β₁, β₂) grid: layer rates,
-                                   PSNR and a linear probe
-``beta_sweep``              001    2-D latent VAE for β from 1e-3 to 100: reconstructions and
-                                   the aggregate posterior against the prior
+                                   PSNR, a linear probe, sample FID / inception score
+``beta_sweep``              001    2-D latent VAE for β from 1e-3 to 100: reconstructions, the
+                                   aggregate posterior against the prior, ‖Cov − I‖_F and F̃
 ``area_pmi``                000    pointwise mutual information of image areas from a
                                    conditional PixelCNN: map over offsets, fall with distance
 ``layer_probes``            000    linear probes on every encoder layer (stride-1 patch VAE,
