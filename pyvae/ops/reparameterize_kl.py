@@ -14,7 +14,9 @@ with ``"different"`` each model draws its own seed, and the op runs once per mod
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -205,12 +207,32 @@ def _check_generator(generator, device: torch.device) -> None:
         raise ValueError(f"{OP}: generator is on {generator.device} but mu is on {device}")
 
 
-def _draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """One int64 from ``generator`` (default: the device's default generator), on ``device``.
+# Functions that replace the seed draw of every call inside noise_seeds(...) (innermost last).
+_seed_sources: list[Callable[[], torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def noise_seeds(draw: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, every :func:`reparameterize_kl` call with ``eps=None`` takes its noise
+    seed from ``draw()`` (a (1,) int64 tensor, e.g. a per-model seed under ``torch.func.vmap``)
+    instead of drawing it from a generator; the ``generator`` argument is then only checked.
+    This is how :func:`pyvae.train.fit_grid` gives each model of a grid its own noise stream."""
+    _seed_sources.append(draw)
+    try:
+        yield
+    finally:
+        _seed_sources.pop()
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """The noise seed of one call: one int64 from ``generator`` (default: the device's default
+    generator), on ``device``, or the innermost :func:`noise_seeds` source's.
 
     Drawing it advances the generator, so consecutive calls get fresh noise and
     ``torch.manual_seed`` reproduces a call; it stays on the device (no host sync).
     """
+    if _seed_sources:
+        return _seed_sources[-1]()
     return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device,
                          generator=generator)
 
@@ -255,7 +277,7 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
                          prior_logvar=prior_logvar)
 
     backend = _backend.resolve(OP, mu.device)
-    seed = _draw_seed(mu.device, generator) if eps is None else None
+    seed = draw_seed(mu.device, generator) if eps is None else None
     if backend == "reference":
         return reparameterize_kl_reference(mu, logvar, eps, prior_mu=prior_mu,
                                            prior_logvar=prior_logvar, seed=seed)

@@ -15,9 +15,10 @@ How it works (one step):
 
 Noise: model k has its own ``torch.Generator`` on the training device, seeded with
 ``derived_seed(seed_k, NOISE, 0)`` (:func:`pyvae.train.sampler.derived_seed`), where ``seed_k``
-is its grid point's ``seed`` (default ``config.model_seed``, else ``config.seed``). Each call of ``torch.randint`` without a
-generator in the model's loss — the one int64 seed that :func:`pyvae.ops.reparameterize_kl`
-draws for its Philox noise — gets the next value drawn from model k's generator. That is what
+is its grid point's ``seed`` (default ``config.model_seed``, else ``config.seed``). The one
+int64 seed that each :func:`pyvae.ops.reparameterize_kl` call of the model's loss draws for its
+Philox noise is, inside ``pyvae.ops.reparameterize_kl.noise_seeds``, the next value drawn from
+model k's generator. That is what
 ``fit(model_k, data, config, model_seed=seed_k)`` draws from the global generator, which it
 seeds with the same ``derived_seed(seed_k, NOISE, 0)``; and model k's initial weights are made by
 ``make_model`` right after ``torch.manual_seed(seed_k)``. Hence model k of a grid trains as
@@ -68,13 +69,13 @@ import safetensors.torch
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pyvae._device import AUTOCAST_DTYPES
 from pyvae._io import exclusive_lock, write_text_atomic
 from pyvae.models import BaseVAE, build_model
+from pyvae.ops.reparameterize_kl import noise_seeds
 from pyvae.train.checkpoint import (CONFIG, LINK, WEIGHTS, MissingCheckpointError,
                                     checkpoint_dir, load_checkpoint, remove_stale_checkpoints,
                                     save_checkpoint)
@@ -230,43 +231,29 @@ def _varied_hyperparameters(models: list[BaseVAE], grid: list[dict], device: tor
 
 # ---- per-model noise -------------------------------------------------------------------------
 
-def _is_seed_draw(func, args, kwargs) -> bool:
-    """Whether a call is the noise-seed draw of pyvae's ops: ``torch.randint(low, high, (1,),
-    dtype=torch.int64)`` from the default generator."""
-    return (func is torch.randint and kwargs.get("generator") is None and len(args) == 3
-            and tuple(args[2]) == (1,) and kwargs.get("dtype") == torch.int64)
+class _SeedFeed:
+    """The noise seeds of one model's loss call, handed out in order to pyvae's ops through
+    :func:`pyvae.ops.reparameterize_kl.noise_seeds`; ``seeds`` None: draw as usual and count."""
 
+    def __init__(self, seeds: torch.Tensor | None, device: torch.device):
+        self.seeds, self.device, self.used = seeds, device, 0
 
-class _SeedFeed(TorchFunctionMode):
-    """Answers the model's noise-seed draws (:func:`_is_seed_draw`) with the next of ``seeds``
-    (each a batched (1,) int64 under vmap: one value per model); ``seeds=None`` only counts
-    them. Any other random call reaches vmap, which refuses it."""
-
-    def __init__(self, seeds: torch.Tensor | None):
-        super().__init__()
-        self.seeds, self.used = seeds, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _is_seed_draw(func, args, kwargs):
-            if self.seeds is None:  # counting the draws (_count_seed_draws)
-                self.used += 1
-                return func(*args, **kwargs)
-            if self.used == len(self.seeds):
-                raise RuntimeError(f"fit_grid: the model's loss drew more than the "
-                                   f"{len(self.seeds)} noise seeds it drew on the first step")
-            seed = self.seeds[self.used]
-            self.used += 1
-            return seed
-        return func(*args, **kwargs)
+    def __call__(self) -> torch.Tensor:
+        self.used += 1
+        if self.seeds is None:  # counting the draws (_count_seed_draws)
+            return torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=self.device)
+        if self.used > len(self.seeds):
+            raise RuntimeError(f"fit_grid: the model's loss drew more than the {len(self.seeds)} "
+                               f"noise seeds it drew on the first step")
+        return self.seeds[self.used - 1]
 
 
 def _count_seed_draws(model: BaseVAE, x: torch.Tensor) -> int:
     """How many noise seeds one ``model.loss`` call draws (run once, without gradients, with
     the global RNG state restored afterwards)."""
     fork = [model.device.index or 0] if model.device.type == "cuda" else []
-    feed = _SeedFeed(None)
-    with torch.no_grad(), torch.random.fork_rng(devices=fork), feed:
+    feed = _SeedFeed(None, model.device)
+    with torch.no_grad(), torch.random.fork_rng(devices=fork), noise_seeds(feed):
         model.loss(x)
     return feed.used
 
@@ -668,7 +655,7 @@ class _GridTrainer:
             try:
                 for name in hyper_names:
                     setattr(template, name, hyper[name])
-                with _SeedFeed(seeds):
+                with noise_seeds(_SeedFeed(seeds, x.device)):
                     output = functional_call(template, params, (x,), {"kl_weight": kl})
             finally:
                 for name, value in saved.items():
