@@ -13,6 +13,7 @@ import platform
 import torch
 
 from cpu_peak import fma_peak
+from peak_memory import peak_memory_mb
 
 if not torch.cuda.is_available():  # triton is benchmarked on GPUs only
     os.environ.pop("TRITON_INTERPRET", None)
@@ -77,34 +78,6 @@ def copy_bandwidth_gbs(device: str) -> float:
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * src.element_size() / best / 1e9
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_memory_mb(fn, device) -> float | None:
-    """Memory one call of ``fn`` needs beyond what was allocated before it, in MB.
-
-    CUDA: the allocator's peak. CPU: the peak resident set size, reset through
-    /proc/self/clear_refs (Linux); None where that is not possible.
-    """
-    if device == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated() - before) / 1e6
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        before = _rss_kib("VmRSS")
-        fn()
-        return max(0, _rss_kib("VmHWM") - before) * 1024 / 1e6
-    except OSError:
-        return None
 
 
 def timed(benchmark, fn, *, device, rounds, warmup=2, **info):

@@ -31,7 +31,7 @@ def run_pytest(quick: bool, select: str | None) -> dict:
         out = os.path.join(tmp, "bench.json")
         cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider",
                "--benchmark-only", f"--benchmark-json={out}", "--benchmark-disable-gc",
-               "--benchmark-columns=median", "--benchmark-sort=name",
+               "--benchmark-columns=median", "--benchmark-sort=name", "-rs",
                "-o", "python_files=bench_*.py", "--rootdir", HERE]
         if quick:
             cmd.append("--quick")
