@@ -10,7 +10,9 @@
 // over i) into its own (D, B) buffers, summed afterwards in a fixed order — so the result does
 // not depend on the number of threads. Half-precision inputs are widened to float32 once
 // (O(B·D)); float32 loops are branch-free and vectorised by GCC (vec_math.h); float64 uses libm
-// (the gradcheck path). A (K, B, D) input is K independent batches (K models): the forward runs
+// (the gradcheck path). Every pair term and logsumexp runs in base 2 (log2-scaled ell, exp2 and
+// log2), which saves the scaling of each exponential's argument; the outputs are scaled back to
+// nats once per row. A (K, B, D) input is K independent batches (K models): the forward runs
 // in parallel over the K·B rows, the backward over the K·blocks blocks, each model with the blocks
 // (and so the bits) of its own (B, D) call.
 #include <ATen/ATen.h>
@@ -31,13 +33,15 @@ namespace cpu {
 namespace {
 
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+constexpr double kLog2E = 1.4426950408889634073599246810019;
+constexpr double kLn2 = 0.69314718055994530941723212145818;
 constexpr int kLanes = 16;  // independent partial results of a reduction (vectorisable as is)
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-PYVAE_INLINE float exp_acc(float x) { return exp_f32(x); }
-PYVAE_INLINE double exp_acc(double x) { return std::exp(x); }
+PYVAE_INLINE float exp2_acc(float x) { return exp2_f32(x); }
+PYVAE_INLINE double exp2_acc(double x) { return std::exp2(x); }
 
 // The logsumexp shift: the maximum, or 0 while every term is -inf (so that exp(-inf - shift) is
 // 0 rather than NaN).
@@ -73,79 +77,81 @@ PYVAE_INLINE T sum_of(const T* __restrict__ x, int64_t n) {
   return sum;
 }
 
-// shift + log sum exp(x - shift): the logsumexp of n values, given a shift no smaller than
-// their maximum (or safe_shift of it).
+// shift + log2 sum exp2(x - shift): the base-2 logsumexp of n values, given a shift no smaller
+// than their maximum (or safe_shift of it).
 template <typename T>
-PYVAE_INLINE T shifted_logsumexp(const T* __restrict__ x, int64_t n, T shift) {
+PYVAE_INLINE T shifted_logsumexp2(const T* __restrict__ x, int64_t n, T shift) {
   T lane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) lane[k] += exp_acc(x[j + k] - shift);
-  for (; j < n; ++j) lane[0] += exp_acc(x[j] - shift);
+    for (int k = 0; k < kLanes; ++k) lane[k] += exp2_acc(x[j + k] - shift);
+  for (; j < n; ++j) lane[0] += exp2_acc(x[j] - shift);
   T sum = T(0);
   for (int k = 0; k < kLanes; ++k) sum += lane[k];
-  return shift + std::log(sum);
+  return shift + std::log2(sum);
 }
 
-// logsumexp of n values (two passes: maximum, then the shifted sum).
+// Base-2 logsumexp of n values (two passes: maximum, then the shifted sum).
 template <typename T>
-PYVAE_INLINE T logsumexp(const T* __restrict__ x, int64_t n) {
-  return shifted_logsumexp(x, n, safe_shift(max_of(x, n)));
+PYVAE_INLINE T logsumexp2(const T* __restrict__ x, int64_t n) {
+  return shifted_logsumexp2(x, n, safe_shift(max_of(x, n)));
 }
 
 // ---- the batch ---------------------------------------------------------------------------------
 
 // The posteriors transposed to (D, B) in the compute type T (float32, or float64 for float64
-// inputs), with the per-(d, j) constants of ell precomputed once: inv_var = exp(-logvar),
-// log_norm = -0.5 (log 2 pi + logvar). z stays (B, D).
+// inputs), with the per-(d, j) constants of log2(e) ell precomputed once: inv_var = exp(-logvar),
+// half_inv_var2 = 0.5 log2(e) inv_var, log_norm2 = -0.5 log2(e) (log 2 pi + logvar). z stays
+// (B, D). The pair log-weights lw2_* are in base 2 too.
 template <typename T>
 struct Pairs {
-  const T* z;         // (B, D)
-  const T* mu;        // (D, B)
-  const T* inv_var;   // (D, B)
-  const T* log_norm;  // (D, B)
+  const T* z;              // (B, D)
+  const T* mu;             // (D, B)
+  const T* inv_var;        // (D, B)
+  const T* half_inv_var2;  // (D, B)
+  const T* log_norm2;      // (D, B)
   int64_t batch, dim;
-  T lw_self, lw_next, lw_other;
+  T lw2_self, lw2_next, lw2_other;
 
   int64_t next(int64_t i) const { return i + 1 == batch ? 0 : i + 1; }
 
-  // ell_ijd of one pair.
-  PYVAE_INLINE T ell(int64_t i, int64_t d, int64_t j) const {
+  // log2(e) ell_ijd of one pair.
+  PYVAE_INLINE T ell2(int64_t i, int64_t d, int64_t j) const {
     const T diff = z[i * dim + d] - mu[d * batch + j];
-    return log_norm[d * batch + j] - T(0.5) * diff * diff * inv_var[d * batch + j];
+    return log_norm2[d * batch + j] - diff * diff * half_inv_var2[d * batch + j];
   }
 
 };
 
-// x[j] = base[j] + lw_ij for every j: lw_other, then the two special pairs (when they coincide,
-// B == 1, the pair is "self"). Set, not corrected, since lw_other may be -inf (the stratified
+// x[j] = base[j] + lw2_ij for every j: lw2_other, then the two special pairs (when they coincide,
+// B == 1, the pair is "self"). Set, not corrected, since lw2_other may be -inf (the stratified
 // estimator with dataset_size == batch_size).
 template <typename T>
 PYVAE_INLINE void set_log_weights(const Pairs<T>& in, int64_t i, const T* __restrict__ base,
                                   T* __restrict__ x) {
   const int64_t B = in.batch;
-  for (int64_t j = 0; j < B; ++j) x[j] = base[j] + in.lw_other;
-  x[in.next(i)] = base[in.next(i)] + in.lw_next;
-  x[i] = base[i] + in.lw_self;
+  for (int64_t j = 0; j < B; ++j) x[j] = base[j] + in.lw2_other;
+  x[in.next(i)] = base[in.next(i)] + in.lw2_next;
+  x[i] = base[i] + in.lw2_self;
 }
 
 // ---- forward: one sample i per call ------------------------------------------------------------
 
-// log_qz[i] and lse_marginal[i, :]. Scratch: joint, x (B each). One fused loop over j per d
-// (ell, the joint's running sum, the log-weight), then the logsumexp's two passes.
+// log_qz[i] and lse_marginal[i, :] (in nats). Scratch: joint, x (B each). One fused loop over j
+// per d (ell2, the joint's running sum, the log-weight), then the logsumexp's two passes.
 template <typename T>
 PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joint,
                               T* __restrict__ x, T* __restrict__ log_qz_i,
                               T* __restrict__ lse_row) {
   const int64_t B = in.batch, D = in.dim, next = in.next(i);
-  const T lw_other = in.lw_other;
+  const T lw2_other = in.lw2_other;
   for (int64_t j = 0; j < B; ++j) joint[j] = T(0);
   for (int64_t d = 0; d < D; ++d) {
     const T z_id = in.z[i * D + d];
     const T* __restrict__ mu_d = in.mu + d * B;
-    const T* __restrict__ iv_d = in.inv_var + d * B;
-    const T* __restrict__ ln_d = in.log_norm + d * B;
-    // ell, the joint's running sum and x = ell + lw_other in one pass, which also keeps the
+    const T* __restrict__ hv_d = in.half_inv_var2 + d * B;
+    const T* __restrict__ ln_d = in.log_norm2 + d * B;
+    // ell2, the joint's running sum and x = ell2 + lw2_other in one pass, which also keeps the
     // running maximum of x in kLanes independent lanes (vectorisable as is).
     T lane[kLanes];
     for (int k = 0; k < kLanes; ++k) lane[k] = kNegInf<T>;
@@ -153,28 +159,28 @@ PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joi
     for (; j + kLanes <= B; j += kLanes)
       for (int k = 0; k < kLanes; ++k) {
         const T diff = z_id - mu_d[j + k];
-        const T ell = ln_d[j + k] - T(0.5) * diff * diff * iv_d[j + k];
-        joint[j + k] += ell;
-        const T value = ell + lw_other;
+        const T ell2 = ln_d[j + k] - diff * diff * hv_d[j + k];
+        joint[j + k] += ell2;
+        const T value = ell2 + lw2_other;
         x[j + k] = value;
         lane[k] = value > lane[k] ? value : lane[k];
       }
     for (; j < B; ++j) {
       const T diff = z_id - mu_d[j];
-      const T ell = ln_d[j] - T(0.5) * diff * diff * iv_d[j];
-      joint[j] += ell;
-      x[j] = ell + lw_other;
+      const T ell2 = ln_d[j] - diff * diff * hv_d[j];
+      joint[j] += ell2;
+      x[j] = ell2 + lw2_other;
       lane[0] = x[j] > lane[0] ? x[j] : lane[0];
     }
-    // The two special pairs, set (not corrected: lw_other may be -inf) from their ell.
-    x[next] = in.ell(i, d, next) + in.lw_next;
-    x[i] = in.ell(i, d, i) + in.lw_self;
+    // The two special pairs, set (not corrected: lw2_other may be -inf) from their ell2.
+    x[next] = in.ell2(i, d, next) + in.lw2_next;
+    x[i] = in.ell2(i, d, i) + in.lw2_self;
     T max = x[next] > x[i] ? x[next] : x[i];
     for (int k = 0; k < kLanes; ++k) max = lane[k] > max ? lane[k] : max;
-    lse_row[d] = shifted_logsumexp(x, B, safe_shift(max));
+    lse_row[d] = T(kLn2) * shifted_logsumexp2(x, B, safe_shift(max));
   }
   set_log_weights(in, i, joint, x);
-  *log_qz_i = logsumexp(x, B);
+  *log_qz_i = T(kLn2) * logsumexp2(x, B);
 }
 
 // ---- backward: one sample i per call -----------------------------------------------------------
@@ -197,22 +203,22 @@ PYVAE_INLINE void backward_row(const Pairs<T>& in, const Upstream<T>& up, int64_
                                T* __restrict__ ct, T* __restrict__ grad_z_i,
                                T* __restrict__ acc_mu, T* __restrict__ acc_logvar) {
   const int64_t B = in.batch, D = in.dim;
-  // p[j] = grad_log_qz[i] p_ij, from the joint sum_d ell_ijd.
+  // p[j] = grad_log_qz[i] p_ij, from the joint sum_d ell2_ijd.
   for (int64_t j = 0; j < B; ++j) p[j] = T(0);
   if (up.grad_log_qz != nullptr) {
     for (int64_t d = 0; d < D; ++d) {
       const T z_id = in.z[i * D + d];
       const T* __restrict__ mu_d = in.mu + d * B;
-      const T* __restrict__ iv_d = in.inv_var + d * B;
-      const T* __restrict__ ln_d = in.log_norm + d * B;
+      const T* __restrict__ hv_d = in.half_inv_var2 + d * B;
+      const T* __restrict__ ln_d = in.log_norm2 + d * B;
       for (int64_t j = 0; j < B; ++j) {
         const T diff = z_id - mu_d[j];
-        p[j] += ln_d[j] - T(0.5) * diff * diff * iv_d[j];
+        p[j] += ln_d[j] - diff * diff * hv_d[j];
       }
     }
     set_log_weights(in, i, p, x);
-    const T g = up.grad_log_qz[i], shift = up.log_qz[i];
-    for (int64_t j = 0; j < B; ++j) p[j] = g * exp_acc(x[j] - shift);
+    const T g = up.grad_log_qz[i], shift = T(kLog2E) * up.log_qz[i];
+    for (int64_t j = 0; j < B; ++j) p[j] = g * exp2_acc(x[j] - shift);
   }
   for (int64_t d = 0; d < D; ++d) {
     const T z_id = in.z[i * D + d];
@@ -222,17 +228,19 @@ PYVAE_INLINE void backward_row(const Pairs<T>& in, const Upstream<T>& up, int64_
     T* __restrict__ acc_lv_d = acc_logvar + d * B;
     const T g = up.grad_lse_marginal == nullptr ? T(0) : up.grad_lse_marginal[i * D + d];
     if (g != T(0)) {
-      // x[j] = c_ijd = p + g r_ijd, with r_ijd = exp(lw_ij + ell_ijd - lse_marginal[i, d]).
-      const T* __restrict__ ln_d = in.log_norm + d * B;
-      const T shift = up.lse_marginal[i * D + d], lw_other = in.lw_other;
+      // x[j] = c_ijd = p + g r_ijd, with r_ijd = exp2(lw2_ij + ell2_ijd - log2(e) lse_marginal[i, d]).
+      const T* __restrict__ hv_d = in.half_inv_var2 + d * B;
+      const T* __restrict__ ln_d = in.log_norm2 + d * B;
+      const T shift = T(kLog2E) * up.lse_marginal[i * D + d];
+      const T offset = in.lw2_other - shift;  // -inf - shift is -inf, as it should be
       for (int64_t j = 0; j < B; ++j) {
         const T diff = z_id - mu_d[j];
-        const T ell = ln_d[j] - T(0.5) * diff * diff * iv_d[j];
-        x[j] = p[j] + g * exp_acc(ell + lw_other - shift);
+        const T ell2 = ln_d[j] - diff * diff * hv_d[j];
+        x[j] = p[j] + g * exp2_acc(ell2 + offset);
       }
       const int64_t next = in.next(i);
-      x[next] = p[next] + g * exp_acc(in.ell(i, d, next) + in.lw_next - shift);
-      x[i] = p[i] + g * exp_acc(in.ell(i, d, i) + in.lw_self - shift);
+      x[next] = p[next] + g * exp2_acc(in.ell2(i, d, next) + in.lw2_next - shift);
+      x[i] = p[i] + g * exp2_acc(in.ell2(i, d, i) + in.lw2_self - shift);
     } else {
       for (int64_t j = 0; j < B; ++j) x[j] = p[j];
     }
@@ -289,28 +297,29 @@ void add_rows(T* into, const T* from, int64_t n) {
 // z (K, B, D), the posteriors transposed to (K, D, B).
 template <typename T>
 struct Batch {
-  at::Tensor z, mu_t, inv_var_t, log_norm_t;
+  at::Tensor z, mu_t, inv_var_t, half_inv_var2_t, log_norm2_t;
   int64_t models, batch, dim;
-  T lw_self, lw_next, lw_other;
+  T lw2_self, lw2_next, lw2_other;
 
   Batch(const at::Tensor& z_in, const at::Tensor& mu_in, const at::Tensor& logvar_in,
         double self, double next, double other)
       : models(kl_decomposition_models(z_in)), batch(z_in.size(-2)), dim(z_in.size(-1)),
-        lw_self(T(self)), lw_next(T(next)), lw_other(T(other)) {
+        lw2_self(T(kLog2E * self)), lw2_next(T(kLog2E * next)), lw2_other(T(kLog2E * other)) {
     const at::ScalarType acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
     z = z_in.to(acc).contiguous();
     mu_t = mu_in.to(acc).transpose(-1, -2).contiguous();
     const at::Tensor logvar_t = logvar_in.to(acc).transpose(-1, -2);
     inv_var_t = at::exp(-logvar_t).contiguous();
-    log_norm_t = ((logvar_t + kLog2Pi) * -0.5).contiguous();
+    half_inv_var2_t = inv_var_t * (0.5 * kLog2E);
+    log_norm2_t = ((logvar_t + kLog2Pi) * (-0.5 * kLog2E)).contiguous();
   }
 
   // Model k's batch.
   Pairs<T> pairs(int64_t k) const {
     const int64_t offset = k * batch * dim;
-    return Pairs<T>{z.data_ptr<T>() + offset, mu_t.data_ptr<T>() + offset,
-                    inv_var_t.data_ptr<T>() + offset, log_norm_t.data_ptr<T>() + offset,
-                    batch, dim, lw_self, lw_next, lw_other};
+    return Pairs<T>{z.data_ptr<T>() + offset,           mu_t.data_ptr<T>() + offset,
+                    inv_var_t.data_ptr<T>() + offset,   half_inv_var2_t.data_ptr<T>() + offset,
+                    log_norm2_t.data_ptr<T>() + offset, batch, dim, lw2_self, lw2_next, lw2_other};
   }
 };
 

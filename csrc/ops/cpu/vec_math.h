@@ -54,6 +54,23 @@ PYVAE_INLINE float exp_f32(float x) {
   return p * exp2_int(half) * exp2_int(e - half);
 }
 
+// 2^x for x <= 127, flushed to 0 below -127 (as a term of a logsumexp's shifted sum, 2^-127 of
+// the largest term never changes a float32 sum). The kernels' logsumexps run in base 2, so that
+// the argument needs no scaling; Cephes' exp2f polynomial, within 2 ulp.
+PYVAE_INLINE float exp2_f32(float x) {
+  x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
+  const float n = __builtin_rintf(x);
+  const float r = x - n;  // [-0.5, 0.5], exact
+  float p = 1.535336188319500e-4f;
+  p = p * r + 1.339887440266574e-3f;
+  p = p * r + 9.618437357674640e-3f;
+  p = p * r + 5.550332471162809e-2f;
+  p = p * r + 2.402264791363012e-1f;
+  p = p * r + 6.931472028550421e-1f;
+  p = p * r + 1.0f;
+  return p * exp2_int(static_cast<int32_t>(n));  // exp2_int(-127) is +0
+}
+
 // log(x) for positive normal x (what the noise generator feeds it: uniforms in (0, 1)).
 PYVAE_INLINE float log_f32(float x) {
   const uint32_t bits = float_to_bits(x);
