@@ -456,7 +456,8 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
     out.mkdir(parents=True, exist_ok=True)
     if (run_dir / "grid.json").is_file():  # a run of pyvae.train.fit_grid / pyvae train-grid
         from pyvae.grid_report import grid_report
-        return grid_report(run_dir, out)
+        return grid_report(run_dir, out, device=check_device(device), max_points=max_points,
+                           seed=seed)
     device = check_device(device)
     rep = _Report(out)
     config = _read_config(run_dir, rep.notes)

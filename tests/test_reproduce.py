@@ -184,3 +184,62 @@ def test_estimators_on_posteriors_equal_to_the_prior():
     assert gaussian_tc_closed_form(np.diag([1.0, 4.0])) == pytest.approx(0)
     assert gaussian_tc_closed_form(np.array([[1, 0.6], [0.6, 1]])) == pytest.approx(
         -0.5 * math.log(1 - 0.36))
+
+
+# ---- many training seeds through fit_grid (--seeds N) -------------------------------------------
+
+@pytest.mark.slow
+def test_layer_rates_with_seeds_trains_one_grid(tmp_path, capsys):
+    out = tmp_path / "layer_rates"
+    assert main(["reproduce", "layer_rates", "--size", "smoke", "--seeds", "2", "--out",
+                 str(out), "--device", "cpu", "--set", "steps=2", "--set", "betas2=[1.0]",
+                 "--set", "classifier_steps=2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["seeds"] == 2 and results["config"]["seed_grid"] is True
+    assert "pyvae reproduce layer_rates --size smoke --seeds 2" in (out / "results.md").read_text()
+    per_seed, cells = results["data"]["per_seed"], results["data"]["grid"]
+    assert len(per_seed) == 2 and [len(s) for s in per_seed] == [2, 2]
+    # the two seeds are two different models per cell, and the table is their mean ± s.e.
+    assert per_seed[0][0]["rate1_bits"] != per_seed[1][0]["rate1_bits"]
+    for i, cell in enumerate(cells):
+        values = [s[i]["psnr_db"] for s in per_seed]
+        assert cell["psnr_db"] == pytest.approx(np.mean(values))
+        assert cell["se"]["psnr_db"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(2))
+    first, over_seeds = results["tables"][:2]
+    assert "mean ± standard error over 2 training seeds" in first["caption"]
+    assert first["rows"][0][6] == f"{cells[0]['psnr_db']:.2f} ± {cells[0]['se']['psnr_db']:.2f}"
+    assert over_seeds["rows"][0][1].endswith(" of 2")
+    assert set(results["data"]["best_cell_separation"]) == {
+        "psnr_db", "probe_z2", "sample_probe_z2", "inception_score", "fid"}
+    with pytest.raises(ValueError, match="seed_grid=true"):
+        reproduce.run("layer_rates", tmp_path / "x", "smoke", overrides={"seeds": 2},
+                      verbose=False)
+    assert main(["reproduce", "layer_rates", "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_beta_vae_metric_with_seeds_trains_one_grid(tmp_path):
+    results = reproduce.run("beta_vae_metric", tmp_path, "smoke", device="cpu", verbose=False,
+                            overrides={"seeds": 2, "seed_grid": True, "steps": 2})
+    scores = results["data"]["scores"]
+    assert [len(scores[name]) for name in ("VAE untrained", "VAE (β=1)", "β-VAE")] == [2, 2, 2]
+    assert list(results["data"]["training_seconds"]) == ["all trained models in one grid"]
+    # the untrained VAE of a seed is the grid's initialisation of that seed: it differs by seed
+    assert scores["VAE untrained"][0]["rate_bits"] != scores["VAE untrained"][1]["rate_bits"]
+    assert "standard error over 2 training seeds" in results["tables"][0]["caption"]
+    assert "same-seed difference" in results["finding"]["text"]
+
+
+@pytest.mark.parametrize("vae, beta_vae, held", [
+    ([90.0 + (k % 5) for k in range(20)], [91.0 + (k % 5) for k in range(20)], True),
+    ([90.0 + 5 * (k % 3) for k in range(20)], [90.0 + 5 * ((k + 1) % 3) for k in range(20)],
+     False),  # the same spread of scores, reshuffled over the seeds: a tie
+    ([89.0, 82.8], [91.8, 98.5], False),  # +9 ± 6.5 points: within two standard errors
+])
+def test_beta_vae_metric_standard_error_verdict(vae, beta_vae, held):
+    from pyvae.reproduce.beta_vae_metric import judge
+    verdict, text = judge(_metric_scores(vae, beta_vae), standard_error=True)
+    assert verdict is held
+    assert ("the two separate, the β-VAE above" in text) is held
+    assert (": a tie" in text) is (not held)

@@ -291,3 +291,41 @@ def test_grid_axes_and_a_one_axis_report(tmp_path):
     assert "(mean over 2 seeds) over betas[1]" in text
     assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == [
         "grid_distortion.png", "grid_rate.png", "rate_distortion.png"]
+
+
+def test_grid_report_probes_the_labels(tmp_path):
+    """On labelled data the grid report adds a heatmap and a table column of each model's
+    held-out linear-probe accuracy; the numbers are linear_probe's on the models' codes."""
+    from pyvae.grid_report import probe_accuracies
+    from pyvae.metrics import linear_probe
+    from pyvae.report import _spread
+    out = tmp_path / "run"
+    command = ["train-grid", "--model", "VAE", "--model-arg", "architecture=mlp",
+               "--model-arg", "latent_dim=2", "--model-arg", "hidden=8", "--data", "digits",
+               "--out", str(out), "--steps", "2", "--batch-size", "16", "--no-progress",
+               "--device", "cpu", "--grid-arg", "beta=1,4", "--grid-arg", "lr=[0.01,0.001]"]
+    with use_backend("reference"):
+        assert main(command) == 0
+        from pyvae.report import report
+        report(out, max_points=400)
+    pictures = sorted(p.name for p in (out / "report").glob("*.png"))
+    assert pictures == ["grid_distortion.png", "grid_probe.png", "grid_rate.png",
+                        "rate_distortion.png"]
+    text = (out / "report" / "report.md").read_text()
+    assert "probe accuracy (%)" in text and "logistic probe of the label (10 classes)" in text
+
+    config = json.loads((out / "config.json").read_text())
+    accuracies, _ = probe_accuracies(out, 4, config, max_points=400)
+    # model 3 by hand: its posterior means of the same 400 digits, the same seeded halves
+    from pyvae.data import load_dataset
+    digits = load_dataset("digits")
+    indices = _spread(400, len(digits))
+    codes = load_model(out / "models" / "003").encode(digits.images[indices])[0].detach()
+    order = np.random.default_rng(0).permutation(400)
+    train, test = np.sort(order[:200]), np.sort(order[200:])
+    labels = np.asarray(digits.targets)[indices]
+    expected = linear_probe(codes[train], labels[train], codes[test], labels[test])
+    assert accuracies[3] == pytest.approx(expected["test_accuracy"])
+    assert all(0.15 < a <= 1 for a in accuracies)  # 2-D codes of digits: above chance (10 %)
+    assert f"| 3 | `{json.dumps({'beta': 4, 'lr': 0.001})}` |" in text
+    assert f"{100 * accuracies[3]:.4g} |" in text

@@ -169,7 +169,11 @@ def _markdown(module: ModuleType, results: dict, report: Report) -> str:
     command = f"pyvae reproduce {name} --size {size}"
     if results["seed"]:
         command += f" --seed {results['seed']}"
-    for key, value in results.get("overrides", {}).items():
+    overrides = dict(results.get("overrides", {}))
+    if overrides.get("seed_grid") is True and "seeds" in overrides:  # what --seeds N sets
+        command += f" --seeds {overrides.pop('seeds')}"
+        overrides.pop("seed_grid")
+    for key, value in overrides.items():
         command += f" --set {key}={json.dumps(value)}"
     lines = [f"# {results['title']}", "",
              f"Seed {results['seed_paper']} ({module.SEED_TITLE}). Reproduced with "
@@ -197,6 +201,7 @@ examples:
   pyvae reproduce beta_sweep --size smoke --out /tmp/beta_sweep
   pyvae reproduce patch_vaes --size default --out docs/reproduction/patch_vaes
   pyvae reproduce layer_rates --device cuda --set steps=5000   # a bigger run on a GPU
+  pyvae reproduce layer_rates --seeds 20   # 20 training seeds per cell, one fit_grid call
 
 Each run writes results.md, results.json and its pictures into --out (default
 reproduction/NAME) and prints the table."""
@@ -212,6 +217,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", metavar="DEV",
                         help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="train N seeds of every model together in one "
+                             "pyvae.train.fit_grid call and report mean ± standard error "
+                             "(= --set seeds=N --set seed_grid=true; layer_rates, "
+                             "beta_vae_metric)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         dest="overrides",
                         help="override a configuration entry (JSON value), repeatable")
@@ -237,6 +247,12 @@ def main_from_args(args) -> int:
             overrides[key] = json.loads(text)
         except json.JSONDecodeError:
             overrides[key] = text
+    if args.seeds is not None:
+        if args.seeds < 1:
+            print(f"pyvae reproduce: error: --seeds must be >= 1, got {args.seeds}",
+                  file=sys.stderr)
+            return 2
+        overrides.update(seeds=args.seeds, seed_grid=True)
     out = args.out or str(Path("reproduction") / args.name)
     try:
         run(args.name, out, args.size, device=args.device, seed=args.seed, overrides=overrides)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pyvae._device import check_device
-from pyvae.train import fit, read_metrics
+from pyvae.train import fit, fit_grid, load_model, read_metrics
 
 LN2 = math.log(2.0)
 SIZES = ("smoke", "default")
@@ -140,6 +140,40 @@ def train(model, dataset: Dataset, *, work_dir: Path, name: str, steps: int, bat
     seconds = time.perf_counter() - start
     model.eval()
     return Trained(model, read_metrics(out / "metrics.jsonl"), seconds)
+
+
+def train_grid(make_model, grid: list[dict], dataset: Dataset, *, work_dir: Path, name: str,
+               steps: int, batch_size: int, lr: float, device: torch.device, seed: int,
+               **fit_kwargs) -> list[Trained]:
+    """Train the K models of ``grid`` together with :func:`pyvae.train.fit_grid` into
+    ``work_dir/name`` (quietly, one checkpoint at the end; ``seed`` seeds the one data order,
+    each point's ``seed`` its model's initial weights and noise) and return them, in grid
+    order, in eval mode on ``device`` with their own training records. ``seconds`` of each is
+    the wall clock of the whole grid (the K models train in one computation)."""
+    out = Path(work_dir) / name
+    if out.exists():
+        shutil.rmtree(out)
+    fit_kwargs.setdefault("log_every", max(1, steps // 25))
+    start = time.perf_counter()
+    result = fit_grid(make_model, grid, dataset, out_dir=out, steps=steps,
+                      batch_size=min(batch_size, len(dataset)), lr=lr, seed=seed, device=device,
+                      progress=False, checkpoint_every=None, **fit_kwargs)
+    seconds = time.perf_counter() - start
+    records = read_metrics(out / "metrics.jsonl")
+    return [Trained(load_model(path).to(device).eval(),
+                    [r for r in records if r.get("model") == k], seconds)
+            for k, path in enumerate(result.model_dirs)]
+
+
+def mean_and_standard_error(values) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error std/√n (sample std, ddof 1; 0 for one
+    value), skipping NaNs."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return math.nan, math.nan
+    error = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    return float(np.mean(values)), error
 
 
 @torch.no_grad()

@@ -26,8 +26,9 @@ from pyvae import viz
 from pyvae.data import Shapes2D
 from pyvae.metrics import beta_vae_score, mean_encoder, mig_score
 from pyvae.models import VAE
-from pyvae.reproduce._common import (Report, Table, TensorImages, downsample, reconstruct,
-                                     seed_everything, to_uint8, train)
+from pyvae.reproduce._common import (Report, Table, TensorImages, downsample,
+                                     mean_and_standard_error, reconstruct, seed_everything,
+                                     to_uint8, train, train_grid)
 
 SEED = "004"
 SEED_TITLE = "Nicolae & Maria, *Autoencoders and Variational Autoencoders*, Pie & AI Strasbourg " \
@@ -47,13 +48,13 @@ SIZES = {
                   beta=4.0, steps=3, batch_size=32, optimizer="adagrad", lr=1e-2,
                   pca_components=4, metric_pairs=4, metric_train=24,
                   metric_eval=12, metric_factors=["scale", "orientation", "pos_x", "pos_y"],
-                  mig_points=200, seeds=1),
+                  mig_points=200, seeds=1, seed_grid=False),
     "default": dict(image_size=64, train_size=50000, latent_dim=10, architecture="mlp",
                     hidden=1200, beta=4.0, steps=3000, batch_size=64, optimizer="adagrad",
                     lr=1e-2, pca_components=10, metric_pairs=64,
                     metric_train=400, metric_eval=400,
                     metric_factors=["scale", "orientation", "pos_x", "pos_y"], mig_points=3000,
-                    seeds=5),
+                    seeds=5, seed_grid=False),
 }
 
 
@@ -116,14 +117,32 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     dims_of = {name: dims for name, (_, dims) in fixed.items()}
     kinds = [("VAE untrained", 1.0, 0), ("VAE (β=1)", 1.0, c["steps"]),
              ("β-VAE", c["beta"], c["steps"])]
-    models, seconds = {}, {}
+    make_model = lambda beta: VAE(c["latent_dim"], 1, c["image_size"], beta=beta,
+                                  hidden=c["hidden"], architecture=c["architecture"])
+    models, seconds, grid_models = {}, {}, {}
+    if c["seed_grid"]:
+        # The trained models of every seed in one fit_grid call (K = 2 x seeds): one data
+        # order (seed), each model's initial weights and noise from its training seed.
+        trained_kinds = [(name, beta) for name, beta, steps in kinds if steps]
+        grid = [{"beta": beta, "seed": seed + k} for k in range(c["seeds"])
+                for _, beta in trained_kinds]
+        trained = train_grid(make_model, grid, data, work_dir=work_dir, name="grid",
+                             steps=c["steps"], batch_size=c["batch_size"],
+                             optimizer=c["optimizer"], lr=c["lr"], device=device, seed=seed)
+        for i, result in enumerate(trained):
+            grid_models[trained_kinds[i % len(trained_kinds)][0], i // len(trained_kinds)] = \
+                result.model
+        seconds["all trained models in one grid"] = [round(trained[0].seconds, 1)]
+        del trained
     for k in range(c["seeds"]):
         run_seed = seed + k
         for name, beta, steps in kinds:
-            seed_everything(run_seed)  # within a seed, the three models start equal
-            model = VAE(c["latent_dim"], 1, c["image_size"], beta=beta, hidden=c["hidden"],
-                        architecture=c["architecture"])
-            if steps:
+            if (name, k) in grid_models:
+                model = grid_models.pop((name, k))
+            else:
+                seed_everything(run_seed)  # within a seed, the three models start equal
+                model = make_model(beta)
+            if steps and not c["seed_grid"]:
                 trained = train(model, data, work_dir=work_dir, name=f"{beta:g}_{run_seed}",
                                 steps=steps, batch_size=c["batch_size"],
                                 optimizer=c["optimizer"], lr=c["lr"], device=device,
@@ -143,16 +162,33 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     def stat(name, key, scale=1.0):
         return seed_stats(scores, name, key, scale)
 
+    def spread(name, key, spec, scale=1.0):
+        """mean ± std over the seeds (mean ± standard error with seed_grid); the mean alone
+        for one result."""
+        values = [scale * r[key] for r in scores[name] if r.get(key) is not None]
+        if not values:
+            return None
+        if len(values) == 1:
+            return f"{values[0]:{spec}}" if key == "eval_accuracy" else values[0]
+        mean, error = (mean_and_standard_error(values) if c["seed_grid"]
+                       else stat(name, key, scale))
+        return f"{mean:{spec}} ± {error:{spec}}"
+
     rows = []
     for name in scores:
-        mean, std = stat(name, "eval_accuracy", 100)
-        cell = f"{mean:.1f} ± {std:.1f}" if len(scores[name]) > 1 else f"{mean:.1f}"
         per_seed = ", ".join(f"{100 * r['eval_accuracy']:.1f}" for r in scores[name])
-        rows.append([name, dims_of[name], cell, per_seed if len(scores[name]) > 1 else "—",
-                     stat(name, "train_accuracy", 100)[0], stat(name, "mig")[0],
+        rows.append([name, dims_of[name], spread(name, "eval_accuracy", ".1f", 100),
+                     per_seed if len(scores[name]) > 1 else "—",
+                     stat(name, "train_accuracy", 100)[0],
+                     spread(name, "mig", ".3f") if c["seed_grid"] else stat(name, "mig")[0],
                      stat(name, "rate_bits")[0], stat(name, "distortion_nats")[0], PAPER[name]])
-    seeds_text = (f"mean ± std over {c['seeds']} training seeds for the VAEs"
-                  if c["seeds"] > 1 else "one training seed")
+    if c["seeds"] == 1:
+        seeds_text = "one training seed"
+    elif c["seed_grid"]:
+        seeds_text = (f"mean ± standard error over {c['seeds']} training seeds for the VAEs, "
+                      f"trained together by fit_grid")
+    else:
+        seeds_text = f"mean ± std over {c['seeds']} training seeds for the VAEs"
     table = Table(f"β-VAE metric (%) on 2-D shapes, factors {', '.join(c['metric_factors'])} "
                   f"(chance {100 * chance:.0f} %; {seeds_text}), and MIG",
                   ["representation", "dims", "metric (held-out) %", "per seed", "metric (train) %",
@@ -160,7 +196,7 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
                   [None, None, None, None, ".1f", ".3f", ".2f", ".1f", ".2f"])
 
     acc = {name: stat(name, "eval_accuracy")[0] for name in scores}
-    held, finding = judge(scores)
+    held, finding = judge(scores, standard_error=c["seed_grid"])
 
     pictures = []
     viz.save_probe_accuracy(out / "scores.png", ["this run (held-out points)", "seed's table"],
@@ -195,9 +231,14 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
         f"latents, trained {c['steps']} steps of {c['batch_size']} with {c['optimizer']} "
         f"(lr {c['lr']}) on {c['train_size']} shapes rendered at {resolution}; β-VAE β = "
         f"{c['beta']}. {c['seeds']} training "
-        f"seed(s) ({seed}…{seed + c['seeds'] - 1}: initial weights, data order, noise); within "
-        f"a seed the three VAEs start from the same weights (the untrained one is that "
-        f"initialisation).",
+        + (f"seeds ({seed}…{seed + c['seeds'] - 1}: initial weights and noise; one data order, "
+           f"seed {seed}, for all), the {2 * c['seeds']} trained models trained together in one "
+           f"pyvae.train.fit_grid call "
+           f"({seconds['all trained models in one grid'][0]:.0f} s); "
+           if c["seed_grid"] else
+           f"seed(s) ({seed}…{seed + c['seeds'] - 1}: initial weights, data order, noise); ")
+        + "within a seed the three VAEs start from the same weights (the untrained one is that "
+        "initialisation).",
         f"Metric: pyvae.metrics.beta_vae_score (scikit-learn logistic regression on the mean "
         f"|z₁ − z₂| of L = {c['metric_pairs']} pairs) with {c['metric_train']} training and "
         f"{c['metric_eval']} held-out points, over the factors {', '.join(c['metric_factors'])} "
@@ -236,14 +277,16 @@ def seed_stats(scores: dict[str, list[dict]], name: str, key: str, scale: float 
     return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
 
 
-def judge(scores: dict[str, list[dict]]) -> tuple[bool, str]:
+def judge(scores: dict[str, list[dict]], standard_error: bool = False) -> tuple[bool, str]:
     """Whether the seed's ordering β-VAE > VAE > raw pixels held, and the sentence that says so.
 
     ``scores`` maps each representation to one result dict per training seed (``eval_accuracy``
     in [0, 1], ``mig`` for codes). With one seed the mean order decides. With several, a mean
     difference smaller than the seed-to-seed spread is a tie, not an ordering: β-VAE > VAE holds
     only if the β-VAE also beats the VAE of the same seed in most seeds and the gap between the
-    means is larger than the larger of the two standard deviations.
+    means is larger than the larger of the two standard deviations. With ``standard_error``
+    (many seeds, averaged down: ``seed_grid``) the test is instead whether the mean of the
+    same-seed differences β-VAE − VAE is above twice its standard error (std/√seeds).
     """
     vae, beta = scores["VAE (β=1)"], scores["β-VAE"]
     acc = {name: seed_stats(scores, name, "eval_accuracy", 100)[0] for name in scores}  # %
@@ -252,14 +295,28 @@ def judge(scores: dict[str, list[dict]]) -> tuple[bool, str]:
     wins = sum(b["eval_accuracy"] > v["eval_accuracy"] for b, v in zip(beta, vae))
     noise = max(seed_stats(scores, name, "eval_accuracy", 100)[1]
                 for name in ("VAE (β=1)", "β-VAE"))
-    beta_above = gap > 0 and (seeds == 1 or (2 * wins > seeds and gap > noise))
+    paired, paired_se = mean_and_standard_error(
+        [100 * (b["eval_accuracy"] - v["eval_accuracy"]) for b, v in zip(beta, vae)])
+    if standard_error and seeds > 1:
+        beta_above = paired > 2 * paired_se
+    else:
+        beta_above = gap > 0 and (seeds == 1 or (2 * wins > seeds and gap > noise))
     held = beta_above and acc["VAE (β=1)"] > acc["raw pixels"]
     order = sorted(acc, key=acc.get, reverse=True)
     finding = (f"β-VAE {acc['β-VAE']:.1f} %, VAE {acc['VAE (β=1)']:.1f} %, raw pixels "
                f"{acc['raw pixels']:.1f} %: the ordering β-VAE > VAE > raw pixels "
                f"{'holds' if held else 'does not hold'} here (ranking of the means: "
                f"{', '.join(order)})")
-    if seeds > 1:
+    if standard_error and seeds > 1:
+        separated = abs(paired) > 2 * paired_se
+        finding += (f"; over {seeds} training seeds the β-VAE beats the VAE of the same seed in "
+                    f"{wins} of {seeds}, the mean same-seed difference is {paired:+.1f} ± "
+                    f"{paired_se:.1f} points (standard error; seed-to-seed std of the models "
+                    f"{noise:.1f} points), "
+                    + (f"more than twice its standard error: the two separate, the "
+                       f"{'β-VAE' if paired > 0 else 'VAE'} above"
+                       if separated else "within twice its standard error: a tie"))
+    elif seeds > 1:
         size = "larger" if abs(gap) > noise else "not larger"
         finding += (f"; the β-VAE beats the VAE of the same seed in {wins} of {seeds} seeds, and "
                     f"the gap ({gap:+.1f} points) is {size} than the seed-to-seed spread "
@@ -272,7 +329,14 @@ def judge(scores: dict[str, list[dict]]) -> tuple[bool, str]:
                     "seed's large VAE-to-β-VAE gap does not appear at this training length.")
     mig_vae, mig_beta = (seed_stats(scores, name, "mig")[0] for name in ("VAE (β=1)", "β-VAE"))
     finding += (f" The MIG ranks the β-VAE {'above' if mig_beta > mig_vae else 'not above'} the "
-                f"VAE ({mig_beta:.3f} vs {mig_vae:.3f}).")
+                f"VAE ({mig_beta:.3f} vs {mig_vae:.3f}")
+    if standard_error and seeds > 1:
+        mig_gap, mig_se = mean_and_standard_error([b["mig"] - v["mig"]
+                                                   for b, v in zip(beta, vae)])
+        finding += (f"; same-seed difference {mig_gap:+.3f} ± {mig_se:.3f}, "
+                    f"{'separated' if abs(mig_gap) > 2 * mig_se else 'a tie'} at 2 standard "
+                    f"errors")
+    finding += ")."
     finding += (f" PCA scores {acc['PCA']:.1f} % (seed: 84.9 %), the untrained VAE "
                 f"{acc['VAE untrained']:.1f} % (seed: 44.14 %).")
     return held, finding

@@ -19,8 +19,9 @@ from pyvae import viz
 from pyvae.metrics import (evaluate, feature_statistics, frechet_distance, inception_score,
                            linear_probe, psnr, train_feature_classifier)
 from pyvae.models import HierarchicalVAE
-from pyvae.reproduce._common import (Report, Table, digits_split, encode_means, reconstruct,
-                                     seed_everything, train)
+from pyvae.reproduce._common import (Report, Table, digits_split, encode_means,
+                                     mean_and_standard_error, reconstruct, seed_everything,
+                                     train, train_grid)
 from pyvae.reproduce._plots import save_colored_scatter
 
 SEED = "002"
@@ -44,11 +45,12 @@ CLAIM = ("With one β per layer the rate splits into layer rates that can be tun
 SIZES = {
     "smoke": dict(image_size=8, latent_dims=[4, 2], hidden=32, betas1=[0.2, 5.0],
                   betas2=[0.2, 5.0], steps=3, batch_size=64, lr=1e-3, test_fraction=0.3,
-                  classifier_steps=5, feature_dim=16, num_samples=64),
+                  classifier_steps=5, feature_dim=16, num_samples=64, seeds=1,
+                  seed_grid=False),
     "default": dict(image_size=8, latent_dims=[8, 4], hidden=128, betas1=[0.2, 1.0, 5.0],
                     betas2=[0.2, 1.0, 5.0], steps=600, batch_size=64, lr=1e-3,
                     test_fraction=0.3, classifier_steps=1500, feature_dim=64,
-                    num_samples=1000),
+                    num_samples=1000, seeds=1, seed_grid=False),
 }
 
 
@@ -160,6 +162,80 @@ def _judge_quality(results: list[dict], real: dict) -> tuple[bool, str, dict]:
     return holds, text, rho
 
 
+def _claim_parts(results: list[dict], real: dict) -> tuple[bool, bool, bool]:
+    """The three parts of the verdict on one grid of results: PSNR rises with R₁ + R₂
+    (Spearman > 0.7), the z₂ probe follows R₂ more than R₁, and the sample-quality finding
+    (:func:`_judge_quality`)."""
+    get = lambda key: [r[key] for r in results]
+    rho_z2_r2 = _spearman(get("probe_z2"), get("rate2_bits"))
+    psnr_holds = _spearman(get("psnr_db"), get("total_rate_bits")) > 0.7
+    probe_holds = rho_z2_r2 > 0 and abs(rho_z2_r2) > abs(_spearman(get("probe_z2"),
+                                                                   get("rate1_bits")))
+    return psnr_holds, probe_holds, _judge_quality(results, real)[0]
+
+
+def _cell_means(per_seed: list[list[dict]]) -> list[dict]:
+    """Per cell, the mean over the training seeds of every number (``per_seed[k][i]``: cell i
+    of seed k), with its standard error under ``"se"``; pictures from the first seed."""
+    means = []
+    for i, first in enumerate(per_seed[0]):
+        cell = {key: value for key, value in first.items()
+                if key in ("beta1", "beta2") or key.startswith("_")}
+        cell["se"] = {}
+        for key, value in first.items():
+            if key not in cell and isinstance(value, (int, float)):
+                cell[key], cell["se"][key] = mean_and_standard_error(
+                    [seed_results[i][key] for seed_results in per_seed])
+        means.append(cell)
+    return means
+
+
+def _over_seeds(per_seed: list[list[dict]], real: dict) -> tuple[Table, str, dict]:
+    """How the claims fare seed by seed: in how many seeds each part of the verdict holds on
+    that seed's grid alone, and whether the best cell (by the mean over seeds) of PSNR, the z₂
+    probes, IS and FID beats the runner-up by more than twice the standard error of their
+    paired (same-seed) difference. Returns the table, a sentence and the numbers."""
+    n = len(per_seed)
+    parts = [_claim_parts(results, real) for results in per_seed]
+    counts = [sum(p[i] for p in parts) for i in range(3)]
+    names = ["PSNR rises with R₁ + R₂ (ρ > 0.7)", "z₂ probe (mean) follows R₂ more than R₁",
+             "best IS off the diagonal and elsewhere than the best PSNR"]
+    rows = [[name, f"{count} of {n}", ""] for name, count in zip(names, counts)]
+    cell = lambda r: f"({r['beta1']:g}, {r['beta2']:g})"
+    separation = {}
+    for key, label, sign in (("psnr_db", "PSNR (dB)", 1), ("probe_z2", "z₂ probe, mean (%)", 1),
+                             ("sample_probe_z2", "z₂ probe, sample (%)", 1),
+                             ("inception_score", "inception score", 1), ("fid", "FID", -1)):
+        scale = 100.0 if key.startswith(("probe", "sample_probe")) else 1.0
+        means = np.mean([[sign * r[key] for r in results] for results in per_seed], axis=0)
+        best, second = np.argsort(-means)[:2]
+        gap, error = mean_and_standard_error(
+            [sign * (results[best][key] - results[second][key]) * scale
+             for results in per_seed])
+        separated = bool(gap > 2 * error)
+        separation[key] = {"best": cell(per_seed[0][best]), "runner_up": cell(per_seed[0][second]),
+                           "gap": gap, "se": error, "separated": separated}
+        rows.append([f"best {label}: {cell(per_seed[0][best])} over "
+                     f"{cell(per_seed[0][second])}", f"{gap:+.3g} ± {error:.2g}",
+                     "yes" if separated else "no (tie)"])
+    table = Table(f"The claims over {n} training seeds: in how many seeds each part of the verdict "
+                  f"holds on that seed's grid alone, and the best cell's lead over the runner-up "
+                  f"(mean over seeds of the same-seed difference ± its standard error; separated "
+                  f"when above 2 standard errors)", ["claim or comparison", "seeds / lead",
+                                                      "separated"], rows)
+    ties = [f"{key} {v['best']} vs {v['runner_up']}" for key, v in separation.items()
+            if not v["separated"]]
+    text = (f"Over {n} training seeds: PSNR rises with the total rate in {counts[0]} of {n} "
+            f"seeds, the z₂ probe follows R₂ more than R₁ in {counts[1]}, and the best "
+            f"inception score is off the diagonal and away from the best PSNR in {counts[2]}; "
+            + (f"best cells tied with the runner-up within 2 standard errors: "
+               f"{'; '.join(ties)}." if ties else
+               "every best cell beats its runner-up by more than 2 standard errors."))
+    return table, text, {"claims_held_in_seeds": dict(zip(
+        ("psnr_vs_total_rate", "probe_z2_follows_R2", "sample_quality"), counts)),
+        "best_cell_separation": separation, "seeds": n}
+
+
 def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     c = config
     split = digits_split(c["image_size"], c["test_fraction"], seed)
@@ -179,50 +255,90 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     real_quality = {"train_digits": _quality(classifier, x_train[pick], reference),
                     "test_digits": _quality(classifier, x_test, reference)}
 
-    results = []
-    for beta2 in c["betas2"]:
-        for beta1 in c["betas1"]:
+    def score(model, beta1, beta2, eval_seed, seconds) -> dict:
+        """Every held-out number of one trained model (noise of its evaluation: eval_seed)."""
+        scores = evaluate(model, x_test, device=device, seed=eval_seed)
+        r1, r2 = scores["layer_rates_bits"]
+        mu_train, mu_test = encode_means(model, x_train), encode_means(model, x_test)
+        probe1 = linear_probe(mu_train[:, :d1], y_train, mu_test[:, :d1], y_test, seed=seed)
+        probe2 = linear_probe(mu_train[:, d1:], y_train, mu_test[:, d1:], y_test, seed=seed)
+        # The same probes on one sample of each layer (z₂ ~ q(z₂|x), z₁ ~ q(z₁|z₂, x)):
+        # what the noisy code carries, which the layer rates bound.
+        z_train = _samples(model, x_train, eval_seed)
+        z_test = _samples(model, x_test, eval_seed + 1)
+        sample1 = linear_probe(z_train[:, :d1], y_train, z_test[:, :d1], y_test, seed=seed)
+        sample2 = linear_probe(z_train[:, d1:], y_train, z_test[:, d1:], y_test, seed=seed)
+        recon = reconstruct(model, x_test)
+        generated = _generated(model, c["num_samples"], eval_seed)
+        quality = _quality(classifier, generated, reference)
+        return {"beta1": beta1, "beta2": beta2, "rate1_bits": r1, "rate2_bits": r2,
+                "total_rate_bits": r1 + r2, "distortion_nats": scores["distortion"],
+                "psnr_db": float(psnr(x_test, recon).mean()),
+                "probe_z1": probe1["test_accuracy"], "probe_z2": probe2["test_accuracy"],
+                "sample_probe_z1": sample1["test_accuracy"],
+                "sample_probe_z2": sample2["test_accuracy"],
+                **quality, "train_seconds": round(seconds, 1),
+                "_recon": recon[:10], "_generated": generated[:10]}
+
+    cells = [(beta1, beta2) for beta2 in c["betas2"] for beta1 in c["betas1"]]
+    if c["seeds"] < 1 or (c["seeds"] > 1 and not c["seed_grid"]):
+        raise ValueError(f"layer_rates: seeds must be 1, or more with seed_grid=true (the "
+                         f"seeds train together through fit_grid; --seeds N), got "
+                         f"seeds={c['seeds']}, seed_grid={c['seed_grid']}")
+    per_seed: list[list[dict]] = []  # [seed k][cell] -> the model's numbers
+    if c["seed_grid"]:
+        # Every (cell, seed) is one model of one fit_grid call: K = cells x seeds, one data
+        # order (seed), model k's initial weights and noise from its training seed.
+        grid = [{"betas": [beta1, beta2], "seed": seed + k}
+                for k in range(c["seeds"]) for beta1, beta2 in cells]
+        trained = train_grid(
+            lambda betas: HierarchicalVAE(c["latent_dims"], betas, 1, c["image_size"],
+                                          hidden=c["hidden"]),
+            grid, train_set, work_dir=work_dir, name="grid", steps=c["steps"],
+            batch_size=c["batch_size"], lr=c["lr"], device=device, seed=seed)
+        grid_seconds = trained[0].seconds
+        for k in range(c["seeds"]):
+            per_seed.append([score(trained[k * len(cells) + i].model, beta1, beta2, seed + k,
+                                   grid_seconds)
+                             for i, (beta1, beta2) in enumerate(cells)])
+        del trained
+        results = _cell_means(per_seed)
+    else:
+        grid_seconds = None
+        results = []
+        for beta1, beta2 in cells:
             seed_everything(seed)
             model = HierarchicalVAE(c["latent_dims"], [beta1, beta2], 1, c["image_size"],
                                     hidden=c["hidden"])
             run_ = train(model, train_set, work_dir=work_dir, name=f"b1_{beta1:g}_b2_{beta2:g}",
                          steps=c["steps"], batch_size=c["batch_size"], lr=c["lr"],
                          device=device, seed=seed)
-            scores = evaluate(model, x_test, device=device, seed=seed)
-            r1, r2 = scores["layer_rates_bits"]
-            mu_train, mu_test = encode_means(model, x_train), encode_means(model, x_test)
-            probe1 = linear_probe(mu_train[:, :d1], y_train, mu_test[:, :d1], y_test, seed=seed)
-            probe2 = linear_probe(mu_train[:, d1:], y_train, mu_test[:, d1:], y_test, seed=seed)
-            # The same probes on one sample of each layer (z₂ ~ q(z₂|x), z₁ ~ q(z₁|z₂, x)):
-            # what the noisy code carries, which the layer rates bound.
-            z_train, z_test = _samples(model, x_train, seed), _samples(model, x_test, seed + 1)
-            sample1 = linear_probe(z_train[:, :d1], y_train, z_test[:, :d1], y_test, seed=seed)
-            sample2 = linear_probe(z_train[:, d1:], y_train, z_test[:, d1:], y_test, seed=seed)
-            recon = reconstruct(model, x_test)
-            generated = _generated(model, c["num_samples"], seed)
-            quality = _quality(classifier, generated, reference)
-            results.append({"beta1": beta1, "beta2": beta2, "rate1_bits": r1, "rate2_bits": r2,
-                            "total_rate_bits": r1 + r2, "distortion_nats": scores["distortion"],
-                            "psnr_db": float(psnr(x_test, recon).mean()),
-                            "probe_z1": probe1["test_accuracy"],
-                            "probe_z2": probe2["test_accuracy"],
-                            "sample_probe_z1": sample1["test_accuracy"],
-                            "sample_probe_z2": sample2["test_accuracy"],
-                            **quality, "train_seconds": round(run_.seconds, 1),
-                            "_recon": recon[:10], "_generated": generated[:10]})
+            results.append(score(model, beta1, beta2, seed, run_.seconds))
+        per_seed.append(results)
 
-    rows = [[f"{r['beta1']:g}", f"{r['beta2']:g}", r["rate1_bits"], r["rate2_bits"],
-             r["total_rate_bits"], r["distortion_nats"], r["psnr_db"], 100 * r["probe_z1"],
-             100 * r["probe_z2"], 100 * r["sample_probe_z1"], 100 * r["sample_probe_z2"],
-             "β-VAE" if r["beta1"] == r["beta2"] else ""]
-            for r in results]
+    many = len(per_seed) > 1
+
+    def value(r, key, spec, scale=1.0):
+        """A table cell: the number, or 'mean ± standard error' over the seeds."""
+        if not many:
+            return scale * r[key]
+        return f"{scale * r[key]:{spec}} ± {scale * r['se'][key]:{spec}}"
+
+    columns = [("rate1_bits", ".2f", 1.0), ("rate2_bits", ".2f", 1.0),
+               ("total_rate_bits", ".2f", 1.0), ("distortion_nats", ".1f", 1.0),
+               ("psnr_db", ".2f", 1.0), ("probe_z1", ".1f", 100.0), ("probe_z2", ".1f", 100.0),
+               ("sample_probe_z1", ".1f", 100.0), ("sample_probe_z2", ".1f", 100.0)]
+    rows = [[f"{r['beta1']:g}", f"{r['beta2']:g}"]
+            + [value(r, key, spec, scale) for key, spec, scale in columns]
+            + ["β-VAE" if r["beta1"] == r["beta2"] else ""] for r in results]
+    over = (f"; mean ± standard error over {len(per_seed)} training seeds trained together by "
+            f"fit_grid" if many else "")
     table = Table("Held-out digits per (β₁, β₂): layer rates (bits), distortion (nats), PSNR "
                   "(dB), and logistic-probe accuracy (%) from each layer's posterior mean and "
-                  "from one posterior sample",
+                  f"from one posterior sample{over}",
                   ["β₁", "β₂", "R₁", "R₂", "R₁+R₂", "distortion", "PSNR", "probe z₁ (mean)",
                    "probe z₂ (mean)", "probe z₁ (sample)", "probe z₂ (sample)", ""], rows,
-                  [None, None, ".2f", ".2f", ".2f", ".1f", ".2f", ".1f", ".1f", ".1f", ".1f",
-                   None])
+                  [None, None] + [spec for _, spec, _ in columns] + [None])
 
     get = lambda key: [r[key] for r in results]
     rho_psnr_total = _spearman(get("psnr_db"), get("total_rate_bits"))
@@ -233,9 +349,8 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
     collapsed = [r for r in results if r["rate2_bits"] < 0.1]
     r1_follows_b1 = _spearman(get("rate1_bits"), [-r["beta1"] for r in results])
     r2_follows_b2 = _spearman(get("rate2_bits"), [-r["beta2"] for r in results])
-    psnr_holds = rho_psnr_total > 0.7
-    probe_holds = rho_z2_r2 > 0 and abs(rho_z2_r2) > abs(rho_z2_r1)
-    quality_holds, quality_text, rho_quality = _judge_quality(results, real_quality)
+    psnr_holds, probe_holds, quality_holds = _claim_parts(results, real_quality)
+    _, quality_text, rho_quality = _judge_quality(results, real_quality)
     parts = (psnr_holds, probe_holds, quality_holds)
     held = True if all(parts) else (False if not any(parts) else None)
     best_psnr = max(results, key=lambda r: r["psnr_db"])
@@ -261,11 +376,18 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
            f"{100 * max(r['sample_probe_z2'] for r in collapsed):.0f} % (chance 10 %)"
            if collapsed else "")
         + f"; on samples the z₂ probe has ρ = {rho_s2_r2:.2f} with R₂. " + quality_text)
+    tables = [table]
+    seeds_data = {}
+    if many:
+        seeds_table, seeds_text, seeds_data = _over_seeds(per_seed, real_quality)
+        tables.append(seeds_table)
+        finding += " " + seeds_text
     quality_table = Table(
         "Samples of each model's generative model against the held-out digits, in the feature "
         "space of a classifier trained on the training digits (not Inception: not comparable "
         "with published numbers): FID (↓), inception score IS = diversity · sharpness (↑); "
-        "the last rows score real digits the same way",
+        "the last rows score real digits the same way"
+        + (f" (models: means over {len(per_seed)} seeds)" if many else ""),
         ["β₁", "β₂", "R₁", "R₂", "R₁+R₂", "PSNR", "FID", "IS", "diversity", "sharpness", ""],
         [[f"{r['beta1']:g}", f"{r['beta2']:g}", r["rate1_bits"], r["rate2_bits"],
           r["total_rate_bits"], r["psnr_db"], r["fid"], r["inception_score"], r["diversity"],
@@ -378,4 +500,21 @@ def run(out, config: dict, *, device, seed: int, work_dir) -> Report:
                          "R1_vs_minus_beta1": r1_follows_b1, "R2_vs_minus_beta2": r2_follows_b2,
                          **rho_quality},
             "classifier_test_accuracy": classifier_accuracy, "real_digits": real_quality}
-    return Report([table, quality_table], held, finding, pictures, notes, data)
+    if many:
+        notes.append(
+            f"Seeds: {len(per_seed)} training seeds ({seed}…{seed + len(per_seed) - 1}) per cell, "
+            f"all {len(per_seed) * len(cells)} models trained together in one "
+            f"pyvae.train.fit_grid call ({grid_seconds:.0f} s of training); a seed sets a "
+            f"model's initial weights (the same for every cell of that seed) and its noise; "
+            f"the data order is one for all models (fit_grid's one data stream). Each model is "
+            f"scored alone, with its training seed as the evaluation noise seed; the first "
+            f"tables show the mean over seeds (± its standard error), the pictures and the "
+            f"sample-quality table the means, the images the first seed. The verdict is "
+            f"judged on the cell means; the last table says in how many seeds each part holds "
+            f"on that seed's grid alone, and whether the best cell beats the runner-up by more "
+            f"than twice the standard error of their paired (same-seed) difference.")
+        data.update(seeds_data)
+        data["per_seed"] = [[{k: v for k, v in r.items() if not k.startswith("_")}
+                             for r in seed_results] for seed_results in per_seed]
+    tables.append(quality_table)
+    return Report(tables, held, finding, pictures, notes, data)
