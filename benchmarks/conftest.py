@@ -13,6 +13,7 @@ import platform
 import torch
 
 from cpu_peak import fma_peak
+from exp_peak import exp_peak
 from peak_memory import peak_memory_mb
 
 if not torch.cuda.is_available():  # triton is benchmarked on GPUs only
@@ -57,6 +58,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         peak = fma_peak(torch.get_num_threads())
         machine_info["pyvae"].update(fma_peak_gflops=peak and peak["gflops"],
                                      fma_peak_formula=peak and peak["formula"])
+    exps = exp_peak(device, torch.get_num_threads())  # what kl_decomposition's G exp/s is held to
+    machine_info["pyvae"].update(exp_peak_gexps=exps and exps["gexps"],
+                                 exp_peak_formula=exps and exps["formula"])
 
 
 def synchronize(device):

@@ -5,8 +5,9 @@
     python benchmarks/run.py --readme            # README table from the committed JSON only
 
 A saved file holds the device, versions, date, the measured copy bandwidth and, per case, the
-median time, achieved GB/s (minimal bytes over time), exponentials per second or TFLOP/s (useful
-work only: masked taps are not counted), items (images or patches) per second for the model
+median time, achieved GB/s (minimal bytes over time), exponentials per second (with the share
+of the device's exp throughput, benchmarks/exp_peak.py) or TFLOP/s (useful work only: masked
+taps are not counted), items (images or patches) per second for the model
 benchmarks, the call's peak extra memory, and the ratios to eager PyTorch and torch.compile of
 the same run.
 """
@@ -71,6 +72,8 @@ def summarise(raw: dict) -> dict:
                 case[f"x_{baseline}"] = same[baseline] / case["median_ms"]
         if case.get("gbs"):
             case["pct_copy_bw"] = 100 * case["gbs"] / info["copy_bandwidth_gbs"]
+        if case.get("gexps") and info.get("exp_peak_gexps"):
+            case["pct_exp_peak"] = 100 * case["gexps"] / info["exp_peak_gexps"]
         if case.get("tflops") and info.get("fma_peak_gflops"):
             case["pct_fma_peak"] = 100 * case["tflops"] * 1e3 / info["fma_peak_gflops"]
     return dict(info, cases=cases)
@@ -78,7 +81,7 @@ def summarise(raw: dict) -> dict:
 
 def table(result: dict, *, markdown: bool = False) -> str:
     head = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "G exp/s",
-            "TFLOP/s", "% FMA peak", "FLOP ratio", "items/s", "peak MB", "× eager",
+            "% exp peak", "TFLOP/s", "% FMA peak", "FLOP ratio", "items/s", "peak MB", "× eager",
             "× compile"]
     rows = []
     for c in result["cases"]:
@@ -86,6 +89,7 @@ def table(result: dict, *, markdown: bool = False) -> str:
         rows.append([c["op"], c["shape"], c["dtype"], c["mode"], c["impl"],
                      fmt(c["median_ms"], ".3f"), fmt(c.get("gbs"), ".1f"),
                      fmt(c.get("pct_copy_bw"), ".0f"), fmt(c.get("gexps"), ".2f"),
+                     fmt(c.get("pct_exp_peak"), ".0f"),
                      fmt(c.get("tflops"), ".3f"), fmt(c.get("pct_fma_peak"), ".0f"),
                      fmt(c.get("flop_ratio"), ".1f"), fmt(c.get("items_per_s"), ".0f"),
                      fmt(c.get("peak_mb"), ".1f"),
@@ -106,6 +110,8 @@ def describe(result: dict) -> str:
             f"{result['copy_bandwidth_gbs']:.0f} GB/s")
     if result.get("fma_peak_formula"):
         text += f"; float32 FMA peak {result['fma_peak_formula']}"
+    if result.get("exp_peak_formula"):
+        text += f"; exp peak {result['exp_peak_formula']}"
     return text
 
 
