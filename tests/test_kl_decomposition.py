@@ -171,6 +171,57 @@ def test_extreme_logvar(backend, device):
         assert_terms_close(terms, reference64(z, mu, logvar, 1000, estimator), 2e-6, estimator)
 
 
+# The accuracy every backend states, of log q(z_i) and log prod_d q(z_id) against the float64
+# reference, in nats, for posteriors like a trained VAE's: means spread over a few units and, in
+# its informative dimensions, standard deviations down to 0.0025 (logvar -12). Float32 inputs:
+# 3e-5 nats for logvar ~ 0.5 N(0, 1) and in [-6, 0], 2e-3 in [-12, -8] (where a pair term is up
+# to ~1e5 nats); bfloat16 inputs: the same against the reference of the rounded inputs. The
+# expanded-square (GEMM) form of the joint term misses this by 30x and 300x in float32 (which
+# tf32x3 emulates at best): benchmarks/results/kl-joint-gemm-accuracy-2026-12-06-cpu.md.
+ACCURACY_NATS = {"typical": 3e-5, "trained": 3e-5, "narrow": 2e-3}
+
+
+def accuracy_inputs(regime, batch, dim, device):
+    mu = 2 * torch.randn(batch, dim, dtype=torch.float64, device=device)
+    logvar = {"typical": lambda: 0.5 * torch.randn_like(mu),
+              "trained": lambda: -6 * torch.rand_like(mu),
+              "narrow": lambda: -8 - 4 * torch.rand_like(mu)}[regime]()
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    return z, mu, logvar
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("regime", list(ACCURACY_NATS))
+def test_stated_accuracy_of_log_qz(backend, device, dtype, regime):
+    batch, dim = (17, 7) if interpreted(backend, device) else (257, 10)
+    z, mu, logvar = (t.to(dtype) for t in accuracy_inputs(regime, batch, dim, device))
+    terms = run(backend, z, mu, logvar, 10**5, estimator="mss")
+    expected = reference64(z, mu, logvar, 10**5, "mss")
+    for name in ("log_qz", "log_prod_qz"):
+        error = (getattr(terms, name).double() - getattr(expected, name)).abs().max().item()
+        assert error <= ACCURACY_NATS[regime], f"{name} {regime}: {error:.2e} nats"
+
+
+def test_stated_accuracy_rules_out_the_expanded_gemm():
+    # The bound above is one the expanded-square matrix product of the joint term fails in
+    # float32 for trained and narrow posteriors (so a kernel that switched to it would fail too).
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "kl_joint_gemm_accuracy.py")
+    spec = importlib.util.spec_from_file_location("kl_joint_gemm_accuracy", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    torch.manual_seed(0)
+    for regime in ("trained", "narrow"):
+        z, mu, logvar = accuracy_inputs(regime, 257, 10, "cpu")
+        exact = reference64(z, mu, logvar, 10**5, "mss").log_qz
+        joint = study.expanded_joint(z.float(), mu.float(), logvar.float())
+        weights = mss_log_weights(257, 10**5)
+        error = (torch.logsumexp(joint.double() + weights, 1) - exact).abs().max().item()
+        assert error > 10 * ACCURACY_NATS[regime], (regime, error)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_non_contiguous_inputs(backend, device):
     base_z, base_mu, base_lv = make_inputs(24, 40, torch.float32, device)
