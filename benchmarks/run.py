@@ -79,12 +79,35 @@ def summarise(raw: dict) -> dict:
     return dict(info, cases=cases)
 
 
+def grid_table(result: dict, *, markdown: bool = False) -> str:
+    """The train_grid cases (bench_train.py::test_grid_vs_sequential_fits): model·steps/s of a
+    fit_grid run and of sequential fits of the same models, same run; "" when there are none."""
+    head = ["models", "backend", "grid model·steps/s", "sequential model·steps/s", "× sequential"]
+    rows = [[c["shape"], c["impl"], format(c["grid_model_steps_per_s"], ".2f"),
+             format(c["sequential_model_steps_per_s"], ".2f"), format(c["speedup"], ".2f")]
+            for c in result["cases"] if c["op"] == "train_grid"]
+    return _render(head, rows, markdown) if rows else ""
+
+
+def _render(head: list, rows: list, markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head)] + [line(r) for r in rows])
+
+
 def table(result: dict, *, markdown: bool = False) -> str:
+    """Every case but the train_grid ones (see grid_table), one row each."""
     head = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "G exp/s",
             "% exp peak", "TFLOP/s", "% FMA peak", "FLOP ratio", "items/s", "peak MB", "× eager",
             "× compile"]
     rows = []
     for c in result["cases"]:
+        if c["op"] == "train_grid":
+            continue
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         rows.append([c["op"], c["shape"], c["dtype"], c["mode"], c["impl"],
                      fmt(c["median_ms"], ".3f"), fmt(c.get("gbs"), ".1f"),
@@ -94,13 +117,7 @@ def table(result: dict, *, markdown: bool = False) -> str:
                      fmt(c.get("flop_ratio"), ".1f"), fmt(c.get("items_per_s"), ".0f"),
                      fmt(c.get("peak_mb"), ".1f"),
                      fmt(c.get("x_eager"), ".2f"), fmt(c.get("x_compile"), ".2f")])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(head)] + [line(r) for r in rows])
+    return _render(head, rows, markdown)
 
 
 def describe(result: dict) -> str:
@@ -149,6 +166,10 @@ def update_readme(folder: str, readme: str) -> None:
     for path, result in newest.values():
         parts.append(f"**{describe(result)}** (`{os.path.relpath(path, ROOT)}`)\n\n"
                      f"{table(result, markdown=True)}\n")
+        grids = grid_table(result, markdown=True)
+        if grids:
+            parts.append("Model-batched training (`fit_grid` against sequential `fit`s of the "
+                         f"same models, same run):\n\n{grids}\n")
     body = "\n".join(parts) or "_No committed results yet._\n"
     with open(readme) as f:
         text = f.read()
@@ -169,7 +190,7 @@ def main(argv=None) -> None:
     results_dir = os.path.join(HERE, "results")
     if not args.readme:
         result = summarise(run_pytest(args.quick, args.select))
-        print(f"\n{describe(result)}\n{table(result)}")
+        print(f"\n{describe(result)}\n{table(result)}\n{grid_table(result)}")
         if args.save:
             print(f"saved {save(result, args.save, merge=bool(args.select))}")
     if args.save or args.readme:
