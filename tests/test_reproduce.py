@@ -196,7 +196,10 @@ def test_layer_rates_with_seeds_trains_one_grid(tmp_path, capsys):
                  "--set", "classifier_steps=2"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["seeds"] == 2 and results["config"]["seed_grid"] is True
-    assert "pyvae reproduce layer_rates --size smoke --seeds 2" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "pyvae reproduce layer_rates --size smoke --seeds 2" in markdown
+    assert results["versions"]["torch"] == torch.__version__
+    assert f"Started {results['date']}; python " in markdown
     per_seed, cells = results["data"]["per_seed"], results["data"]["grid"]
     assert len(per_seed) == 2 and [len(s) for s in per_seed] == [2, 2]
     # the two seeds are two different models per cell, and the table is their mean ± s.e.

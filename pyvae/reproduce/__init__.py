@@ -43,7 +43,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pyvae.reproduce._common import (SIZES, Report, WorkDir, _jsonable, machine,
-                                     resolve_device, seed_everything, write_json)
+                                     resolve_device, seed_everything, versions, write_json)
 
 #: name -> module (imported on first use, so that listing is instant).
 EXPERIMENTS = {
@@ -111,6 +111,7 @@ def run(name: str, out_dir, size: str = "smoke", *, device=None, seed: int = 0,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     where = machine(device)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     seed_everything(seed)
     start, cpu_start = time.perf_counter(), time.process_time()
     with WorkDir() as work:
@@ -119,7 +120,7 @@ def run(name: str, out_dir, size: str = "smoke", *, device=None, seed: int = 0,
     results = {
         "experiment": name, "title": module.TITLE, "seed_paper": module.SEED, "size": size,
         "seed": seed, "overrides": dict(overrides or {}), "config": config,
-        "device": str(device), "machine": where,
+        "device": str(device), "machine": where, "date": started, "versions": versions(),
         "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
         "tables": [table.as_json() for table in report.tables],
         "finding": {"held": report.held, "text": report.finding},
@@ -178,7 +179,10 @@ def _markdown(module: ModuleType, results: dict, report: Report) -> str:
     lines = [f"# {results['title']}", "",
              f"Seed {results['seed_paper']} ({module.SEED_TITLE}). Reproduced with "
              f"`{command}` in {results['seconds']:.0f} s wall-clock ({results['cpu_seconds']:.0f} "
-             f"s of CPU time) on {results['device']} ({results['machine']}).", "",
+             f"s of CPU time) on {results['device']} ({results['machine']})."
+             + (f" Started {results['date']}; " + ", ".join(
+                 f"{name} {version}" for name, version in results["versions"].items()) + "."
+                if "date" in results else ""), "",
              f"**The seed's claim.** {module.CLAIM}", "",
              f"**Finding: {_verdict(report.held)}.** {report.finding}", ""]
     for table in report.tables:

@@ -233,6 +233,14 @@ def machine(device: torch.device) -> str:
     return "; ".join(parts)
 
 
+def versions() -> dict[str, str]:
+    """The versions of Python, pyvae, torch, numpy and scikit-learn."""
+    import sklearn
+    import pyvae
+    return {"python": platform.python_version(), "pyvae": pyvae.__version__,
+            "torch": torch.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+
+
 # ---- reports ----------------------------------------------------------------------------------
 
 def fmt(value) -> str:
