@@ -72,10 +72,10 @@ GRID_MODELS, GRID_STEPS, GRID_BATCH = 16, 6, 64
 
 
 class _BinaryImages(torch.utils.data.Dataset):
-    """Random binary 64x64 images (the throughput does not depend on their content)."""
+    """Random binary size x size images (the throughput does not depend on their content)."""
 
-    def __init__(self, n: int):
-        self.images = (torch.rand(n, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    def __init__(self, n: int, size: int = 64):
+        self.images = (torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0))
                        < 0.3).float()
 
     def __len__(self):
@@ -92,21 +92,38 @@ def _seconds_per_step(records) -> float:
     return sum(GRID_BATCH / r["images_per_s"] for r in later) / len(later)
 
 
-@pytest.mark.parametrize("hidden", [1200, 256])
+# (name, image size, make_model(**point), point of model k): the 2-D-shapes MLP VAE of Chen et
+# al. (hidden 1200) and a narrower one, over β; layer_rates' (seed 002) two-layer hierarchical
+# VAE at its default size, over β₁, whose 441-model grid is the seed's experiment.
+def _beta(k):
+    return 2.0 ** (k / 2 - 2)
+
+
+GRID_NETWORKS = [
+    ("VAE mlp1200 64x64 D10", 64,
+     lambda beta: models.VAE(10, 1, 64, beta=beta, architecture="mlp", hidden=1200),
+     lambda k: {"beta": _beta(k)}),
+    ("VAE mlp256 64x64 D10", 64,
+     lambda beta: models.VAE(10, 1, 64, beta=beta, architecture="mlp", hidden=256),
+     lambda k: {"beta": _beta(k)}),
+    ("HierarchicalVAE [8,4] hidden128 8x8", 8,
+     lambda betas: models.HierarchicalVAE([8, 4], betas, 1, 8, hidden=128),
+     lambda k: {"betas": [_beta(k), 1.0]}),
+]
+
+
+@pytest.mark.parametrize("network", GRID_NETWORKS, ids=["mlp1200", "mlp256", "hvae"])
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_grid_vs_sequential_fits(benchmark, tmp_path, backend, hidden):
-    """models·steps/s of fit_grid on K=16 MLP VAEs (2-D shapes size, D=10, hidden 1200 as in
-    Chen et al., or 256) and of 16 sequential fits of the same models, same run; the first 2
-    steps of every run are warm-up and not counted, checkpoints are excluded (the runs' own
-    throughput records)."""
+def test_grid_vs_sequential_fits(benchmark, tmp_path, backend, network):
+    """models·steps/s of fit_grid on K=16 models of one network (GRID_NETWORKS) and of 16
+    sequential fits of the same models, same run; the first 2 steps of every run are warm-up
+    and not counted, checkpoints are excluded (the runs' own throughput records)."""
     from pyvae.train import fit, fit_grid, read_metrics
-    data = _BinaryImages(GRID_BATCH * GRID_STEPS)
-    grid = [{"beta": 2.0 ** (k / 2 - 2)} for k in range(GRID_MODELS)]
+    name, size, make_model, point = network
+    data = _BinaryImages(GRID_BATCH * GRID_STEPS, size)
+    grid = [point(k) for k in range(GRID_MODELS)]
     settings = dict(steps=GRID_STEPS, batch_size=GRID_BATCH, log_every=2, checkpoint_every=None,
                     progress=False)
-
-    def make_model(beta):
-        return models.VAE(10, 1, 64, beta=beta, architecture="mlp", hidden=hidden)
 
     with use_backend(backend):
         fit_grid(make_model, grid, data, out_dir=tmp_path / "grid", **settings)
@@ -121,9 +138,9 @@ def test_grid_vs_sequential_fits(benchmark, tmp_path, backend, hidden):
     sequential_rate = GRID_MODELS / sequential_seconds
     benchmark.extra_info.update(
         op="train_grid", impl=backend, device=DEVICE, dtype="float32",
-        shape=f"{GRID_MODELS} x VAE mlp{hidden} 64x64 D10 B{GRID_BATCH}",
+        shape=f"{GRID_MODELS} x {name} B{GRID_BATCH}",
         mode="forward+backward+AdamW", grid_model_steps_per_s=grid_rate,
         sequential_model_steps_per_s=sequential_rate, speedup=grid_rate / sequential_rate)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    print(f"\n{backend} hidden {hidden}: grid {grid_rate:.2f} model·steps/s, 16 sequential fits "
+    print(f"\n{backend} {name}: grid {grid_rate:.2f} model·steps/s, 16 sequential fits "
           f"{sequential_rate:.2f} model·steps/s, ratio {grid_rate / sequential_rate:.2f}x")

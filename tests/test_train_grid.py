@@ -268,7 +268,8 @@ def test_a_nonfinite_step_raises_and_keeps_the_last_good_checkpoint(tmp_path):
     from test_train import ToyVAE
     from pyvae.train import TrainingDiverged
     with pytest.raises(TrainingDiverged, match="at step 6: non-finite model 0 loss=nan") as error:
-        fit_grid(lambda: ToyVAE(nan_at_call=6), [{"seed": 0}, {"seed": 1}],
+        # call 1 of the (shared, vmapped) loss is fit_grid's layout probe, steps 1-5 calls 2-6
+        fit_grid(lambda: ToyVAE(nan_at_call=7), [{"seed": 0}, {"seed": 1}],
                  ToyImages(n=16), out_dir=tmp_path, steps=10, batch_size=4,
                  checkpoint_every=4, progress=False, log_every=1)
     assert "model 1 rate_bits" in error.value.nonfinite

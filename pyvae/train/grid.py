@@ -288,8 +288,12 @@ class _NoiseStreams:
 
 class _BatchedOptimizer:
     """AdamW or Adagrad on stacked (K, ...) tensors with a (K,) learning rate: for each model,
-    the update of ``torch.optim.AdamW`` / ``torch.optim.Adagrad`` (single-tensor form) with that
-    model's learning rate."""
+    the update of ``torch.optim.AdamW`` / ``torch.optim.Adagrad`` with that model's learning
+    rate, by their fused kernels (``torch._fused_adamw_``, ``torch._fused_adagrad_``, what
+    ``fused=True`` runs): one pass over each element, one call per run of models with the same
+    learning rate — the K models' stacked state is K times too large to stay in cache through
+    the several passes of an unfused update (that made the optimizer take longer than the
+    models' forward and backward on a CPU)."""
 
     def __init__(self, params: dict[str, torch.Tensor], config: TrainConfig):
         self.params, self.name = params, config.optimizer
@@ -299,36 +303,34 @@ class _BatchedOptimizer:
         self.state = {moment: {name: torch.zeros_like(p) for name, p in params.items()}
                       for moment in moments}
 
-    @staticmethod
-    def _per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
-
     @torch.no_grad()
     def step(self, lrs: torch.Tensor) -> None:
         """One update with learning rates ``lrs`` (K,) float64, from the tensors' ``.grad``."""
         self.steps += 1
-        for name, p in self.params.items():
+        names = list(self.params)
+        tensors = [self.params[n] for n in names]
+        grads = [p.grad for p in tensors]
+        moments = [[self.state[m][n] for n in names] for m in self.state]
+        # The fused kernels read the step count (for AdamW's bias corrections) from a tensor.
+        steps = [torch.tensor(float(self.steps), device=tensors[0].device)] * len(tensors)
+        for first, last, lr in _runs_of_equal(lrs.tolist()):
+            # models first..last-1 share a learning rate: one call on their block of every tensor
+            block = lambda ts: [_storage_view(t[first:last]) for t in ts]  # noqa: E731
             if self.name == "adamw":
-                self._adamw(p, p.grad, self.state["exp_avg"][name],
-                            self.state["exp_avg_sq"][name], lrs)
+                beta1, beta2 = self.betas
+                torch._fused_adamw_(block(tensors), block(grads), block(moments[0]),
+                                    block(moments[1]), [], steps, lr=lr, beta1=beta1,
+                                    beta2=beta2, weight_decay=self.weight_decay, eps=1e-8,
+                                    amsgrad=False, maximize=False)
             else:
-                self._adagrad(p, p.grad, self.state["sum"][name], lrs)
+                torch._fused_adagrad_(block(tensors), block(grads), block(moments[0]), steps,
+                                      lr=lr, lr_decay=0.0, weight_decay=self.weight_decay,
+                                      eps=1e-10, maximize=False)
 
-    def _adamw(self, p, grad, exp_avg, exp_avg_sq, lrs) -> None:
-        beta1, beta2 = self.betas
-        p.mul_(self._per_model(1 - lrs * self.weight_decay, p))
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** self.steps
-        bias_correction2_sqrt = (1 - beta2 ** self.steps) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(1e-8)
-        p.sub_(self._per_model(lrs / bias_correction1, p) * exp_avg / denom)
-
-    def _adagrad(self, p, grad, state_sum, lrs) -> None:
-        if self.weight_decay:
-            grad = grad.add(p, alpha=self.weight_decay)
-        state_sum.addcmul_(grad, grad, value=1)
-        p.sub_(self._per_model(lrs, p) * grad / state_sum.sqrt().add_(1e-10))
+    def relayout(self, name: str, stride: tuple[int, ...]) -> None:
+        """Give the moments of tensor ``name`` the strides ``stride`` (see _adopt_layouts)."""
+        for moments in self.state.values():
+            moments[name] = _with_strides(moments[name], stride)
 
     def state_dict(self) -> dict:
         return {"name": self.name, "steps": self.steps, "state": self.state}
@@ -342,6 +344,43 @@ class _BatchedOptimizer:
         for moment, tensors in state["state"].items():
             for name, value in tensors.items():
                 self.state[moment][name].copy_(value)
+
+
+def _runs_of_equal(values: list[float]) -> list[tuple[int, int, float]]:
+    """(first, last, value) of each run of equal consecutive values: [1, 1, 2] -> (0, 2, 1),
+    (2, 3, 2)."""
+    runs = []
+    for k, value in enumerate(values):
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], k + 1, value)
+        else:
+            runs.append((k, k + 1, value))
+    return runs
+
+
+def _storage_view(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements as the 1-D run of storage they fill, whatever their order
+    (the fused kernels' elementwise updates need no more: a tensor, its gradient and its
+    moments share one layout)."""
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,),
+                                                              t.storage_offset())
+
+
+def _is_dense_models_first(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether a (K, ...) tensor of these strides fills its storage without gaps or overlaps,
+    with each model's slice one block (the models' dimension outermost)."""
+    dims = sorted((st, n) for st, n in zip(stride, shape) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return not dims or shape[0] == 1 or dims[-1] == (stride[0], shape[0])
+
+
+def _with_strides(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    return out.copy_(t)
 
 
 def _clip_per_model(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -365,7 +404,8 @@ class _StackedWeights(nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], config: dict):
         super().__init__()
         for name, value in tensors.items():
-            self.register_buffer(name.replace(".", "/"), value.detach())
+            # safetensors stores contiguous tensors (the grid's may have adopted other layouts)
+            self.register_buffer(name.replace(".", "/"), value.detach().contiguous())
         self.config = config
 
 
@@ -470,6 +510,7 @@ class _GridTrainer:
         self.optimizer = _BatchedOptimizer(self.params, config)
         self.noise = _NoiseStreams(seeds, device)
         self.draws: int | None = None
+        self.layouts_adopted = False
         self.amp_dtype = AUTOCAST_DTYPES[config.precision]
 
         try:
@@ -643,11 +684,15 @@ class _GridTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _batched_loss(self, x: torch.Tensor, kl: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K models' losses (K,) and packed metrics (K, M) on batch ``x``, in one vmap."""
+    def _batched_loss(self, x: torch.Tensor, kl: float, seeds: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K models' losses (K,) and packed metrics (K, M) on batch ``x``, in one vmap, with
+        the noise seeds ``seeds`` (K, draws) (default: the next ones of the models' streams)."""
         if self.draws is None:
             self.draws = _count_seed_draws(self.example_model.to(self.device), x)
         self.example_model = None
+        if seeds is None:
+            seeds = self.noise.draw(self.draws)
         template, hyper_names = self.template, list(self.hyper)
 
         def one_model(params, hyper, seeds):
@@ -667,7 +712,7 @@ class _GridTrainer:
 
         try:
             with self._autocast():
-                return vmap(one_model)(self.params, self.hyper, self.noise.draw(self.draws))
+                return vmap(one_model)(self.params, self.hyper, seeds)
         except RuntimeError as error:
             if "randomness" not in str(error):
                 raise
@@ -676,9 +721,46 @@ class _GridTrainer:
                 f"the noise seeds of pyvae's ops (e.g. torch.randn or dropout), which cannot be "
                 f"given to each model of the grid: {error}") from None
 
+    def _adopt_layouts(self, x: torch.Tensor, kl: float) -> None:
+        """Store each stacked tensor (and its optimizer moments) in the layout in which the
+        vmapped backward delivers its gradient, found by one trial backward on ``x`` with
+        throw-away noise seeds (no generator advances, no parameter changes).
+
+        Under vmap a linear layer's weight gradient arrives as the transpose of a contiguous
+        (K, in, out) product; autograd then copies it into the parameter's layout, and that
+        strided copy of every large weight took as long as the step's matrix products on a
+        CPU. Run before the first step of every run and resume, so that every step computes
+        with the same layouts."""
+        seen: dict[str, tuple[int, ...]] = {}
+        def record(name):
+            def hook(grad):
+                seen.setdefault(name, grad.stride())
+            return hook
+        hooks = [p.register_hook(record(name)) for name, p in self.params.items()]
+        try:
+            if self.draws is None:
+                self.draws = _count_seed_draws(self.example_model.to(self.device), x)
+            losses, _ = self._batched_loss(x, kl, torch.zeros(
+                self.K, self.draws, 1, dtype=torch.int64, device=self.device))
+            losses.sum().backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.grad = None
+                stride = seen.get(name)
+                if stride is not None and stride != p.stride() and \
+                        _is_dense_models_first(tuple(p.shape), stride):
+                    p.data = _with_strides(p.data, stride)
+                    self.optimizer.relayout(name, stride)
+        self.layouts_adopted = True
+
     def _train_step(self, x: torch.Tensor, kl: float, lrs: torch.Tensor) -> list[float]:
         """One batched step; returns the K models' packed metrics, concatenated (K·M floats).
         Raises TrainingDiverged, without changing any parameter, if one is not finite."""
+        if not self.layouts_adopted:
+            self._adopt_layouts(x, kl)
         losses, packed = self._batched_loss(x, kl)
         losses.sum().backward()
         if self.config.grad_clip is not None:
@@ -687,7 +769,7 @@ class _GridTrainer:
             packed = torch.cat([packed, norms[:, None].to(packed.dtype)], dim=1)
         values = packed.flatten().tolist()
         self._check_finite(values)
-        self.optimizer.step(lrs.to(self.device))
+        self.optimizer.step(lrs)
         for p in self.params.values():
             p.grad = None
         return values
