@@ -156,20 +156,29 @@ def save(result: dict, folder: str, merge: bool = False) -> str:
 
 
 def update_readme(folder: str, readme: str) -> None:
-    """Replace the README's benchmark section with tables of the newest result per device."""
-    newest = {}
+    """Replace the README's benchmark section with tables of the newest result per device and,
+    from older results of that device, the ops the newer ones did not run (each table under
+    its own run's description: ratios are only ever taken within one run)."""
+    by_device: dict[str, list] = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             result = json.load(f)
-        newest[result["device_name"]] = (path, result)
+        by_device.setdefault(result["device_name"], []).append((path, result))
     parts = []
-    for path, result in newest.values():
-        parts.append(f"**{describe(result)}** (`{os.path.relpath(path, ROOT)}`)\n\n"
-                     f"{table(result, markdown=True)}\n")
-        grids = grid_table(result, markdown=True)
-        if grids:
-            parts.append("Model-batched training (`fit_grid` against sequential `fit`s of the "
-                         f"same models, same run):\n\n{grids}\n")
+    for runs in by_device.values():
+        covered: set[str] = set()
+        for path, result in reversed(runs):  # newest first
+            ops = {c["op"] for c in result["cases"]}
+            shown = dict(result, cases=[c for c in result["cases"] if c["op"] not in covered])
+            covered |= ops
+            if not shown["cases"]:
+                continue
+            parts.append(f"**{describe(shown)}** (`{os.path.relpath(path, ROOT)}`)\n\n"
+                         f"{table(shown, markdown=True)}\n")
+            grids = grid_table(shown, markdown=True)
+            if grids:
+                parts.append("Model-batched training (`fit_grid` against sequential `fit`s of "
+                             f"the same models, same run):\n\n{grids}\n")
     body = "\n".join(parts) or "_No committed results yet._\n"
     with open(readme) as f:
         text = f.read()

@@ -177,7 +177,7 @@ def test_extreme_logvar(backend, device):
 # 3e-5 nats for logvar ~ 0.5 N(0, 1) and in [-6, 0], 2e-3 in [-12, -8] (where a pair term is up
 # to ~1e5 nats); bfloat16 inputs: the same against the reference of the rounded inputs. The
 # expanded-square (GEMM) form of the joint term misses this by 30x and 300x in float32 (which
-# tf32x3 emulates at best): benchmarks/results/kl-joint-gemm-accuracy-2026-12-06-cpu.md.
+# tf32x3 emulates at best): benchmarks/results/kl-joint-gemm-accuracy-2026-12-07-cpu.md.
 ACCURACY_NATS = {"typical": 3e-5, "trained": 3e-5, "narrow": 2e-3}
 
 
