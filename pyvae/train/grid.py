@@ -684,15 +684,19 @@ class _GridTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _noise_draws(self, x: torch.Tensor) -> int:
+        """Noise seeds one model's loss draws per step (counted on the first batch, or resumed)."""
+        if self.draws is None:
+            self.draws = _count_seed_draws(self.example_model.to(self.device), x)
+        self.example_model = None
+        return self.draws
+
     def _batched_loss(self, x: torch.Tensor, kl: float, seeds: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The K models' losses (K,) and packed metrics (K, M) on batch ``x``, in one vmap, with
         the noise seeds ``seeds`` (K, draws) (default: the next ones of the models' streams)."""
-        if self.draws is None:
-            self.draws = _count_seed_draws(self.example_model.to(self.device), x)
-        self.example_model = None
         if seeds is None:
-            seeds = self.noise.draw(self.draws)
+            seeds = self.noise.draw(self._noise_draws(x))
         template, hyper_names = self.template, list(self.hyper)
 
         def one_model(params, hyper, seeds):
@@ -738,10 +742,8 @@ class _GridTrainer:
             return hook
         hooks = [p.register_hook(record(name)) for name, p in self.params.items()]
         try:
-            if self.draws is None:
-                self.draws = _count_seed_draws(self.example_model.to(self.device), x)
             losses, _ = self._batched_loss(x, kl, torch.zeros(
-                self.K, self.draws, 1, dtype=torch.int64, device=self.device))
+                self.K, self._noise_draws(x), 1, dtype=torch.int64, device=self.device))
             losses.sum().backward()
         finally:
             for hook in hooks:
