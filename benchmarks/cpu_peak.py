@@ -67,30 +67,40 @@ def physical_cores() -> int | None:
     return len(cores) or None
 
 
+def load_compiled(source: str, compilers: tuple[str, ...], flags: list[str],
+                  suffix: str = ".c") -> ctypes.CDLL | None:
+    """``source`` compiled into a shared library with the first of ``compilers`` found and
+    loaded (the file may go once loaded); None without a compiler or if it fails to build."""
+    compiler = next((path for path in map(shutil.which, compilers) if path), None)
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path, library = os.path.join(tmp, "source" + suffix), os.path.join(tmp, "library.so")
+        with open(path, "w") as f:
+            f.write(source)
+        built = subprocess.run([compiler, *flags, "-shared", "-fPIC", path, "-o", library],
+                               capture_output=True)
+        return ctypes.CDLL(library) if built.returncode == 0 else None
+
+
 def measured_clock_ghz(iterations: int = 1_000_000, repeats: int = 50) -> float | None:
     """The clock of one core in GHz from the add chain: the best of ``repeats`` runs of about
     2 ms each, short enough that some run whole between other processes' time slices on a
     shared machine (runs of 50 ms all measured 1.9-2.3 GHz there under load, 2 ms runs 3.69);
     None without a working C compiler or off x86-64."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.machine() not in ("x86_64", "AMD64"):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        source, library = os.path.join(tmp, "chain.c"), os.path.join(tmp, "chain.so")
-        with open(source, "w") as f:
-            f.write(_ADD_CHAIN)
-        built = subprocess.run([compiler, "-O2", "-shared", "-fPIC", source, "-o", library],
-                               capture_output=True)
-        if built.returncode != 0:
-            return None
-        chain = ctypes.CDLL(library).add_chain
-        chain.argtypes = [ctypes.c_uint64]
-        chain(iterations // 10)  # warm-up: let the core reach its clock
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            chain(iterations)
-            best = min(best, time.perf_counter() - start)
+    library = load_compiled(_ADD_CHAIN, ("cc", "gcc"), ["-O2"])
+    if library is None:
+        return None
+    chain = library.add_chain
+    chain.argtypes = [ctypes.c_uint64]
+    chain(iterations // 10)  # warm-up: let the core reach its clock
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        chain(iterations)
+        best = min(best, time.perf_counter() - start)
     return 8 * iterations / best / 1e9
 
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 
-from cpu_peak import physical_cores
+from cpu_peak import load_compiled, physical_cores
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,35 +41,26 @@ extern "C" float shifted_sum(const float* x, long n, long reps) {
 def cpu_exp_peak(threads: int, *, n: int = 2048, reps: int = 2000, repeats: int = 5) -> dict | None:
     """{"gexps": exp2 per second (×1e9) of ``threads`` concurrent shifted-sum loops (at most one per
     physical core), "formula": how}; None without a working C++ compiler."""
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
+    library = load_compiled(_SHIFTED_SUM, ("c++", "g++"),
+                            ["-O3", "-march=native", "-I", os.path.join(_ROOT, "csrc")], ".cpp")
+    if library is None:
         return None
     physical = physical_cores()
     cores = min(threads, physical) if physical else threads
-    with tempfile.TemporaryDirectory() as tmp:
-        source, library = os.path.join(tmp, "shifted_sum.cpp"), os.path.join(tmp, "sum.so")
-        with open(source, "w") as f:
-            f.write(_SHIFTED_SUM)
-        built = subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC",
-                                "-I", os.path.join(_ROOT, "csrc"), source, "-o", library],
-                               capture_output=True)
-        if built.returncode != 0:
-            return None
-        shifted_sum = ctypes.CDLL(library).shifted_sum  # ctypes releases the GIL during a call
-        shifted_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
-        shifted_sum.restype = ctypes.c_float
-        buffers = [(ctypes.c_float * n)(*[-(j % 97) / 7.0 for j in range(n)])
-                   for _ in range(cores)]
-        shifted_sum(buffers[0], n, reps // 10)  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            workers = [threading.Thread(target=shifted_sum, args=(b, n, reps)) for b in buffers]
-            start = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            best = min(best, time.perf_counter() - start)
+    shifted_sum = library.shifted_sum  # ctypes releases the GIL during a call
+    shifted_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+    shifted_sum.restype = ctypes.c_float
+    buffers = [(ctypes.c_float * n)(*[-(j % 97) / 7.0 for j in range(n)]) for _ in range(cores)]
+    shifted_sum(buffers[0], n, reps // 10)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=shifted_sum, args=(b, n, reps)) for b in buffers]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
     gexps = cores * n * reps / best / 1e9
     return dict(gexps=gexps, formula=(
         f"measured: the kernel's exp2 polynomial (vec_math.h) in its shifted-sum loop over "
