@@ -113,7 +113,9 @@ def test_kl_decomposition_backward_rejects_bad_grads(backend, device):
     log_qz = torch.randn(batch, device=device)
     lse_marginal = torch.randn(batch, dim, device=device)
     good = dict(grad_log_qz=torch.randn(batch, device=device),
-                grad_lse_marginal=torch.randn(batch, dim, device=device), z=z, mu=mu,
+                grad_log_prod_qz=torch.randn(batch, device=device),
+                grad_log_qz_x=torch.randn(batch, device=device),
+                grad_log_pz=torch.randn(batch, device=device), z=z, mu=mu,
                 logvar=logvar, log_qz=log_qz, lse_marginal=lse_marginal, w_self=-3.0,
                 w_next=-3.0, w_other=-3.0)
     cases = [
@@ -123,10 +125,12 @@ def test_kl_decomposition_backward_rejects_bad_grads(backend, device):
          "grad_log_qz has dtype"),
         (dict(grad_log_qz=noncontiguous(torch.randn(batch, device=device))),
          "grad_log_qz must be contiguous"),
-        (dict(grad_lse_marginal=torch.randn(batch, dim + 1, device=device)),
-         "grad_lse_marginal has shape"),
-        (dict(grad_lse_marginal=noncontiguous(torch.randn(batch, dim, device=device))),
-         "grad_lse_marginal must be contiguous"),
+        (dict(grad_log_prod_qz=torch.randn(batch, dim, device=device)),
+         r"grad_log_prod_qz has shape \[5, 3\] but expected \[5\]"),
+        (dict(grad_log_qz_x=noncontiguous(torch.randn(batch, device=device))),
+         "grad_log_qz_x must be contiguous"),
+        (dict(grad_log_pz=torch.randn(batch, dtype=torch.float64, device=device)),
+         "grad_log_pz has dtype"),
         (dict(log_qz=torch.randn(batch - 1, device=device)), "log_qz has shape"),
         (dict(lse_marginal=lse_marginal.half()), "lse_marginal has dtype"),
         (dict(mu=torch.randn(batch + 1, dim, device=device)), "mu has shape"),

@@ -171,6 +171,23 @@ def test_extreme_logvar(backend, device):
         assert_terms_close(terms, reference64(z, mu, logvar, 1000, estimator), 2e-6, estimator)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sample_far_from_every_posterior(backend, device, dtype):
+    # z_0 sits tens of standard deviations from every posterior in dim 1 (a marginal term of
+    # -300 nats or less): a logsumexp shifted by anything but the row's own maximum (a bound
+    # known before the pass, say) underflows there.
+    batch, dim = (7, 3) if interpreted(backend, device) else (37, 5)
+    z, mu, logvar = make_inputs(batch, dim, dtype, device)
+    z[0, 1] = 60.0
+    z[batch - 1, 0] = -45.0  # the last row: its stratified neighbour wraps to j = 0
+    for estimator in ["mws", "mss"]:
+        terms = run(backend, z, mu, logvar, 1000, estimator=estimator)
+        expected = reference64(z, mu, logvar, 1000, estimator)
+        assert expected.log_prod_qz[0] < -300
+        assert_terms_close(terms, expected, TERM_RTOL[dtype], estimator)
+
+
 # The accuracy every backend states, of log q(z_i) and log prod_d q(z_id) against the float64
 # reference, in nats, for posteriors like a trained VAE's: means spread over a few units and, in
 # its informative dimensions, standard deviations down to 0.0025 (logvar -12). Float32 inputs:
@@ -270,8 +287,8 @@ def test_gradients_match_reference(backend, device, estimator, dtype):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("output", FIELDS)
 def test_gradient_of_each_output(backend, device, output):
-    # One output at a time: the kernels' backward sees a gradient for log_qz only, for
-    # lse_marginal only, or for neither (mi through log_qz_x, dim_kl through log_pz, ...).
+    # One output at a time: the kernels' backward sees a gradient for one or two of the four
+    # densities (mi through log_qz_x and log_qz, dim_kl through log_prod_qz and log_pz, ...).
     batch, dim = (7, 5) if interpreted(backend, device) else (45, 19)
     z, mu, logvar = make_inputs(batch, dim, torch.float64, device)
     upstream = {output: torch.randn(batch, dtype=torch.float64, device=device)}
@@ -459,11 +476,10 @@ def test_opcheck(backend, device, dtype):
     z, mu, logvar = rand(9, 5, grad=True), rand(9, 5, grad=True), rand(9, 5, grad=True)
     opcheck_op("kl_decomposition_forward", backend, (z, mu, logvar, *weights))
     saved = [t.detach() for t in (z, mu, logvar)]
-    log_qz, lse = kernel_op("kl_decomposition_forward", backend)(*saved, *weights)
-    for grad_log_qz, grad_lse in [(torch.randn_like(log_qz), torch.randn_like(lse)),
-                                  (torch.randn_like(log_qz), None)]:
-        opcheck_op("kl_decomposition_backward", backend,
-                   (grad_log_qz, grad_lse, *saved, log_qz, lse, *weights))
+    log_qz, *_, lse = kernel_op("kl_decomposition_forward", backend)(*saved, *weights)
+    every = [torch.randn_like(log_qz) for _ in range(4)]
+    for grads in [every, [every[0], None, None, None], [None, None, every[2], every[3]]]:
+        opcheck_op("kl_decomposition_backward", backend, (*grads, *saved, log_qz, lse, *weights))
 
 
 # ---- model batches: (K, B, D) inputs and torch.func.vmap ---------------------------------------
@@ -559,10 +575,11 @@ def test_kernel_ops_check_model_batches(backend, device):
     opcheck_op("kl_decomposition_forward", backend, (z, mu, logvar, *weights))
     saved = [t.detach() for t in (z, mu, logvar)]
     forward, backward = (kernel_op(f"kl_decomposition_{s}", backend) for s in ("forward", "backward"))
-    log_qz, lse = forward(*saved, *weights)
-    assert log_qz.shape == (3, 5) and lse.shape == (3, 5, 4)
-    opcheck_op("kl_decomposition_backward", backend,
-               (torch.randn_like(log_qz), torch.randn_like(lse), *saved, log_qz, lse, *weights))
+    *densities, lse = forward(*saved, *weights)
+    log_qz = densities[0]
+    assert [d.shape for d in densities] == [(3, 5)] * 4 and lse.shape == (3, 5, 4)
+    grads = [torch.randn_like(log_qz) for _ in densities]
+    opcheck_op("kl_decomposition_backward", backend, (*grads, *saved, log_qz, lse, *weights))
     with pytest.raises(RuntimeError, match=r"z must be 2-D \(batch, dim\) or 3-D"):
         forward(saved[0][None], saved[1][None], saved[2][None], *weights)
     with pytest.raises(RuntimeError, match=r"need a batch of at least 2, got 1"):
@@ -570,4 +587,5 @@ def test_kernel_ops_check_model_batches(backend, device):
     with pytest.raises(RuntimeError, match=r"mu has shape \[2, 5, 4\] but expected \[3, 5, 4\]"):
         forward(saved[0], saved[1][:2].contiguous(), saved[2], *weights)
     with pytest.raises(RuntimeError, match=r"log_qz has shape \[5\] but expected \[3, 5\]"):
-        backward(torch.randn_like(log_qz), None, *saved, log_qz[0].contiguous(), lse, *weights)
+        backward(torch.randn_like(log_qz), None, None, None, *saved, log_qz[0].contiguous(), lse,
+                 *weights)

@@ -37,35 +37,40 @@ void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
 }
 
 void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_log_qz,
-                                          const std::optional<at::Tensor>& grad_lse_marginal,
+                                          const std::optional<at::Tensor>& grad_log_prod_qz,
+                                          const std::optional<at::Tensor>& grad_log_qz_x,
+                                          const std::optional<at::Tensor>& grad_log_pz,
                                           const at::Tensor& z, const at::Tensor& mu,
                                           const at::Tensor& logvar, const at::Tensor& log_qz,
                                           const at::Tensor& lse_marginal) {
   check_kl_decomposition_args(z, mu, logvar);
   constexpr const char* op = "kl_decomposition";
-  // The saved outputs and their incoming gradients: ([K,] B) and ([K,] B, D) in the
-  // accumulation dtype.
+  // The saved outputs, ([K,] B) and ([K,] B, D), and the incoming gradients, ([K,] B) each, in
+  // the accumulation dtype.
   const at::ScalarType acc = accumulation_dtype(z.scalar_type());
   const at::IntArrayRef rows = z.sizes().slice(0, z.dim() - 1);
   check_tensor(op, "log_qz", log_qz, rows, acc, z.device(), "like the forward's log_qz");
   check_tensor(op, "lse_marginal", lse_marginal, z.sizes(), acc, z.device(),
                "like the forward's lse_marginal");
-  if (grad_log_qz.has_value()) {
-    check_tensor(op, "grad_log_qz", *grad_log_qz, rows, acc, z.device(), "like log_qz");
-  }
-  if (grad_lse_marginal.has_value()) {
-    check_tensor(op, "grad_lse_marginal", *grad_lse_marginal, z.sizes(), acc, z.device(),
-                 "like lse_marginal");
+  const std::pair<const char*, const std::optional<at::Tensor>*> grads[] = {
+      {"grad_log_qz", &grad_log_qz},
+      {"grad_log_prod_qz", &grad_log_prod_qz},
+      {"grad_log_qz_x", &grad_log_qz_x},
+      {"grad_log_pz", &grad_log_pz}};
+  for (const auto& [name, grad] : grads) {
+    if (grad->has_value()) check_tensor(op, name, **grad, rows, acc, z.device(), "like log_qz");
   }
 }
 
 TORCH_LIBRARY_FRAGMENT(pyvae, m) {
   m.def(
       "kl_decomposition_forward(Tensor z, Tensor mu, Tensor logvar, float log_weight_self, "
-      "float log_weight_next, float log_weight_other) -> (Tensor log_qz, Tensor lse_marginal)");
+      "float log_weight_next, float log_weight_other) -> (Tensor log_qz, Tensor log_prod_qz, "
+      "Tensor log_qz_x, Tensor log_pz, Tensor lse_marginal)");
   m.def(
-      "kl_decomposition_backward(Tensor? grad_log_qz, Tensor? grad_lse_marginal, Tensor z, "
-      "Tensor mu, Tensor logvar, Tensor log_qz, Tensor lse_marginal, float log_weight_self, "
+      "kl_decomposition_backward(Tensor? grad_log_qz, Tensor? grad_log_prod_qz, "
+      "Tensor? grad_log_qz_x, Tensor? grad_log_pz, Tensor z, Tensor mu, Tensor logvar, "
+      "Tensor log_qz, Tensor lse_marginal, float log_weight_self, "
       "float log_weight_next, float log_weight_other) -> "
       "(Tensor grad_z, Tensor grad_mu, Tensor grad_logvar)");
 }
@@ -73,45 +78,49 @@ TORCH_LIBRARY_FRAGMENT(pyvae, m) {
 #ifdef PYVAE_WITH_CUDA
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cuda(
-    const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, double log_weight_self,
-    double log_weight_next, double log_weight_other) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+kl_decomposition_forward_cuda(const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar,
+                              double log_weight_self, double log_weight_next,
+                              double log_weight_other) {
   check_kl_decomposition_args(z, mu, logvar);
   const c10::cuda::CUDAGuard guard(z.device());
   const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
-  at::Tensor log_qz = at::empty(z.sizes().slice(0, z.dim() - 1), acc);
+  const at::IntArrayRef rows = z.sizes().slice(0, z.dim() - 1);
+  at::Tensor log_qz = at::empty(rows, acc), log_prod_qz = at::empty(rows, acc);
+  at::Tensor log_qz_x = at::empty(rows, acc), log_pz = at::empty(rows, acc);
   at::Tensor lse_marginal = at::empty(z.sizes(), acc);
   cuda::KLDecompositionForward args{z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
                                     log_weight_self, log_weight_next, log_weight_other,
-                                    log_qz.data_ptr(), lse_marginal.data_ptr(),
-                                    kl_decomposition_models(z), z.size(-2), z.size(-1),
-                                    cuda_scalar_kind(z.scalar_type())};
+                                    log_qz.data_ptr(), log_prod_qz.data_ptr(),
+                                    log_qz_x.data_ptr(), log_pz.data_ptr(),
+                                    lse_marginal.data_ptr(), kl_decomposition_models(z),
+                                    z.size(-2), z.size(-1), cuda_scalar_kind(z.scalar_type())};
   const cudaError_t status =
       cuda::kl_decomposition_forward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_decomposition_forward (cuda): ",
               cudaGetErrorString(status));
-  return {log_qz, lse_marginal};
+  return {log_qz, log_prod_qz, log_qz_x, log_pz, lse_marginal};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cuda(
     const std::optional<at::Tensor>& grad_log_qz,
-    const std::optional<at::Tensor>& grad_lse_marginal, const at::Tensor& z,
-    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& log_qz,
+    const std::optional<at::Tensor>& grad_log_prod_qz,
+    const std::optional<at::Tensor>& grad_log_qz_x, const std::optional<at::Tensor>& grad_log_pz,
+    const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& log_qz,
     const at::Tensor& lse_marginal, double log_weight_self, double log_weight_next,
     double log_weight_other) {
-  check_kl_decomposition_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
-                                       lse_marginal);
+  check_kl_decomposition_backward_args(grad_log_qz, grad_log_prod_qz, grad_log_qz_x, grad_log_pz,
+                                       z, mu, logvar, log_qz, lse_marginal);
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor grad_z = at::empty_like(z);
   at::Tensor grad_mu = at::empty_like(z);
   at::Tensor grad_logvar = at::empty_like(z);
-  cuda::KLDecompositionBackward args{data_or_null(grad_log_qz), data_or_null(grad_lse_marginal),
-                                     z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
-                                     log_qz.data_ptr(), lse_marginal.data_ptr(), log_weight_self,
-                                     log_weight_next, log_weight_other, grad_z.data_ptr(),
-                                     grad_mu.data_ptr(), grad_logvar.data_ptr(),
-                                     kl_decomposition_models(z), z.size(-2), z.size(-1),
-                                     cuda_scalar_kind(z.scalar_type())};
+  cuda::KLDecompositionBackward args{
+      data_or_null(grad_log_qz), data_or_null(grad_log_prod_qz), data_or_null(grad_log_qz_x),
+      data_or_null(grad_log_pz), z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
+      log_qz.data_ptr(), lse_marginal.data_ptr(), log_weight_self, log_weight_next,
+      log_weight_other, grad_z.data_ptr(), grad_mu.data_ptr(), grad_logvar.data_ptr(),
+      kl_decomposition_models(z), z.size(-2), z.size(-1), cuda_scalar_kind(z.scalar_type())};
   const cudaError_t status =
       cuda::kl_decomposition_backward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_decomposition_backward (cuda): ",

@@ -7,11 +7,16 @@
 // or log_weight_other (otherwise), the forward computes without ever storing a B x B x D tensor:
 //   log_qz[i]          = logsumexp_j (lw_ij + sum_d ell_ijd)               (B,)
 //   lse_marginal[i, d] = logsumexp_j (lw_ij + ell_ijd)                     (B, D)
-// The backward, given grad_log_qz (B,) and grad_lse_marginal (B, D), recomputes the pair terms
-// from the saved logsumexps, with p_ij = exp(lw_ij + sum_d ell_ijd - log_qz[i]),
-// r_ijd = exp(lw_ij + ell_ijd - lse_marginal[i, d]), c_ijd = grad_log_qz[i] p_ij +
-// grad_lse_marginal[i, d] r_ijd, t = (z_id - mu_jd) * exp(-logvar_jd):
-//   grad_z[i, d]      = -sum_j c_ijd t
+//   log_prod_qz[i]     = sum_d lse_marginal[i, d]                          (B,)
+//   log_qz_x[i]        = sum_d ell_iid          (the sample's own posterior) (B,)
+//   log_pz[i]          = -0.5 sum_d (log(2 pi) + z_id^2)  (standard normal) (B,)
+// so that every term of the decomposition is a difference of two outputs. lse_marginal is kept
+// for the backward only. The backward, given the ([K,] B) gradients of the four others (each
+// optional), recomputes the pair terms from the saved logsumexps, with
+// p_ij = exp(lw_ij + sum_d ell_ijd - log_qz[i]), r_ijd = exp(lw_ij + ell_ijd - lse_marginal[i, d]),
+// c_ijd = grad_log_qz[i] p_ij + grad_log_prod_qz[i] r_ijd + [j == i] grad_log_qz_x[i],
+// t = (z_id - mu_jd) * exp(-logvar_jd):
+//   grad_z[i, d]      = -sum_j c_ijd t - grad_log_pz[i] z_id
 //   grad_mu[j, d]     =  sum_i c_ijd t
 //   grad_logvar[j, d] =  sum_i c_ijd (0.5 (z_id - mu_jd) t - 0.5)
 #pragma once
@@ -29,9 +34,11 @@ void check_kl_decomposition_args(const at::Tensor& z, const at::Tensor& mu,
                                  const at::Tensor& logvar);
 
 // The forward's checks plus those of the saved outputs (log_qz ([K,] B), lse_marginal ([K,] B, D)) and
-// the optional incoming gradients of the same shapes, all contiguous in accumulation_dtype of z.
+// the optional incoming gradients (([K,] B) each), all contiguous in accumulation_dtype of z.
 void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_log_qz,
-                                          const std::optional<at::Tensor>& grad_lse_marginal,
+                                          const std::optional<at::Tensor>& grad_log_prod_qz,
+                                          const std::optional<at::Tensor>& grad_log_qz_x,
+                                          const std::optional<at::Tensor>& grad_log_pz,
                                           const at::Tensor& z, const at::Tensor& mu,
                                           const at::Tensor& logvar, const at::Tensor& log_qz,
                                           const at::Tensor& lse_marginal);

@@ -14,7 +14,9 @@ the prior then splits into index-code mutual information, total correlation and 
 KL (see :class:`KLTerms`).
 
 The kernels (cpu, cuda, triton) stream over j with an online logsumexp and keep O(B·D) memory;
-they compute only ``log_qz`` and the per-dimension logsumexps, everything else is elementwise.
+they return the four log-densities of :class:`KLTerms` (``log_qz``, ``log_prod_qz``, ``log_qz_x``,
+``log_pz``) and take all four gradients in one backward, so that only the three differences are
+left to autograd.
 
 Model batches: inputs of shape (K, B, D) hold the batches of K models (``pyvae.train.fit_grid``),
 each decomposed on its own (pairs never cross models) in one launch; ``torch.func.vmap`` over the
@@ -106,12 +108,8 @@ def _log_normal(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> to
     return -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 * torch.exp(-logvar))
 
 
-def _terms(log_qz, log_prod_qz, z, mu, logvar) -> KLTerms:
-    """The elementwise rest of the decomposition, in the accumulation dtype of log_qz."""
-    acc = log_qz.dtype
-    z, mu, logvar = z.to(acc), mu.to(acc), logvar.to(acc)
-    log_qz_x = _log_normal(z, mu, logvar).sum(-1)
-    log_pz = (-0.5 * (LOG_2PI + z * z)).sum(-1)
+def _terms(log_qz, log_prod_qz, log_qz_x, log_pz) -> KLTerms:
+    """The decomposition from its four log-densities."""
     return KLTerms(mi=log_qz_x - log_qz, tc=log_qz - log_prod_qz, dim_kl=log_prod_qz - log_pz,
                    log_qz=log_qz, log_prod_qz=log_prod_qz, log_qz_x=log_qz_x, log_pz=log_pz)
 
@@ -131,35 +129,44 @@ def kl_decomposition_reference(z: torch.Tensor, mu: torch.Tensor, logvar: torch.
     lw = _pair_log_weight_matrix(estimator, batch, dataset_size, dtype=acc, device=z.device)
     log_qz = torch.logsumexp(lw + ell.sum(-1), dim=-1)
     log_prod_qz = torch.logsumexp(lw[:, :, None] + ell, dim=-2).sum(-1)
-    return _terms(log_qz, log_prod_qz, z, mu, logvar)
+    log_qz_x = _log_normal(zc, m, lv).sum(-1)
+    log_pz = (-0.5 * (LOG_2PI + zc * zc)).sum(-1)
+    return _terms(log_qz, log_prod_qz, log_qz_x, log_pz)
 
 
 # ---- the kernel ops (pyvae::kl_decomposition_forward / _backward and their Triton twins) ------
 
+# The forward op returns the four log-densities, then lse_marginal ([K,] B, D), the per-dimension
+# logsumexps that only its backward uses; the backward op takes the four densities' gradients.
+DENSITIES = ("log_qz", "log_prod_qz", "log_qz_x", "log_pz")
+
+
 def _fake_forward(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other):
     acc = _checks.accumulation_dtype(z.dtype)
-    return z.new_empty(z.shape[:-1], dtype=acc), z.new_empty(z.shape, dtype=acc)
+    rows = [z.new_empty(z.shape[:-1], dtype=acc) for _ in DENSITIES]
+    return (*rows, z.new_empty(z.shape, dtype=acc))
 
 
-def _fake_backward(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz, lse_marginal,
-                   log_weight_self, log_weight_next, log_weight_other):
+def _fake_backward(grad_log_qz, grad_log_prod_qz, grad_log_qz_x, grad_log_pz, z, mu, logvar,
+                   log_qz, lse_marginal, log_weight_self, log_weight_next, log_weight_other):
     return torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
 
 
 def _setup_context(ctx, inputs, output):
     z, mu, logvar, *log_weights = inputs
-    log_qz, lse_marginal = output
+    log_qz, lse_marginal = output[0], output[-1]
     ctx.log_weights = log_weights
+    ctx.mark_non_differentiable(lse_marginal)
     # The backward recomputes the pair terms from these: O(B·D), never the B×B×D tensor.
     ctx.save_for_backward(z, mu, logvar, log_qz, lse_marginal)
 
 
-def _backward(ctx, backward_op, grad_log_qz, grad_lse_marginal):
+def _backward(ctx, backward_op, *grads):
+    # grads: those of the four densities, then lse_marginal's (not differentiable: ignored).
     z, mu, logvar, log_qz, lse_marginal = ctx.saved_tensors
-    grad_z, grad_mu, grad_logvar = backward_op(
-        None if grad_log_qz is None else grad_log_qz.contiguous(),
-        None if grad_lse_marginal is None else grad_lse_marginal.contiguous(),
-        z, mu, logvar, log_qz, lse_marginal, *ctx.log_weights)
+    density_grads = [None if g is None else g.contiguous() for g in grads[:len(DENSITIES)]]
+    grad_z, grad_mu, grad_logvar = backward_op(*density_grads, z, mu, logvar, log_qz,
+                                               lse_marginal, *ctx.log_weights)
     return grad_z, grad_mu, grad_logvar, None, None, None
 
 
@@ -182,21 +189,20 @@ def _check_kernel_args(z, mu, logvar, *log_weights) -> None:
     _checks.kernel_like(OP, "logvar", logvar, z, "like z")
 
 
-def _check_kernel_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
-                                lse_marginal, *log_weights) -> None:
-    """The forward's kernel checks plus the saved outputs and their incoming gradients: ([K,] B)
-    and ([K,] B, D), contiguous, in the accumulation dtype of z."""
+def _check_kernel_backward_args(grad_log_qz, grad_log_prod_qz, grad_log_qz_x, grad_log_pz, z,
+                                mu, logvar, log_qz, lse_marginal, *log_weights) -> None:
+    """The forward's kernel checks plus the saved outputs, ([K,] B) and ([K,] B, D), and the
+    incoming gradients, ([K,] B) each: contiguous, in the accumulation dtype of z."""
     _check_kernel_args(z, mu, logvar)
     acc = _checks.accumulation_dtype(z.dtype)
     rows = z.shape[:-1]
     _checks.kernel_tensor(OP, "log_qz", log_qz, rows, acc, z.device, "like the forward's log_qz")
     _checks.kernel_tensor(OP, "lse_marginal", lse_marginal, z.shape, acc, z.device,
                           "like the forward's lse_marginal")
-    if grad_log_qz is not None:
-        _checks.kernel_tensor(OP, "grad_log_qz", grad_log_qz, rows, acc, z.device, "like log_qz")
-    if grad_lse_marginal is not None:
-        _checks.kernel_tensor(OP, "grad_lse_marginal", grad_lse_marginal, z.shape, acc, z.device,
-                              "like lse_marginal")
+    grads = (grad_log_qz, grad_log_prod_qz, grad_log_qz_x, grad_log_pz)
+    for density, grad in zip(DENSITIES, grads):
+        if grad is not None:
+            _checks.kernel_tensor(OP, f"grad_{density}", grad, rows, acc, z.device, "like log_qz")
 
 
 def _triton_launchers():
@@ -223,16 +229,16 @@ def _models_first(info, in_dims, args, z_index: int):
 def _vmap_forward(op, info, in_dims, z, mu, logvar, *log_weights):
     """vmap of the forward op: the vmapped dim becomes the K of one (K, B, D) launch."""
     (z, mu, logvar), lead = _models_first(info, in_dims[:3], (z, mu, logvar), 0)
-    log_qz, lse_marginal = op(z, mu, logvar, *log_weights)
-    return (log_qz.reshape(*lead, *log_qz.shape[1:]),
-            lse_marginal.reshape(*lead, *lse_marginal.shape[1:])), (0, 0)
+    outputs = op(z, mu, logvar, *log_weights)
+    return (tuple(out.reshape(*lead, *out.shape[1:]) for out in outputs),
+            (0,) * len(outputs))
 
 
 def _vmap_backward(op, info, in_dims, *args):
     """vmap of the backward op: every tensor (incoming gradients, inputs, saved outputs) with the
     models first, one (K, B, D) launch."""
-    tensors, lead = _models_first(info, in_dims[:7], args[:7], 2)
-    grads = op(*tensors, *args[7:])
+    tensors, lead = _models_first(info, in_dims[:9], args[:9], 4)
+    grads = op(*tensors, *args[9:])
     return tuple(g.reshape(*lead, *g.shape[1:]) for g in grads), (0, 0, 0)
 
 
@@ -240,11 +246,12 @@ KERNEL_OP = _register.define_kernel_op(
     OP,
     forward_schema="(Tensor z, Tensor mu, Tensor logvar, float log_weight_self, "
                    "float log_weight_next, float log_weight_other) -> (Tensor log_qz, "
-                   "Tensor lse_marginal)",
-    backward_schema="(Tensor? grad_log_qz, Tensor? grad_lse_marginal, Tensor z, Tensor mu, "
-                    "Tensor logvar, Tensor log_qz, Tensor lse_marginal, float log_weight_self, "
-                    "float log_weight_next, float log_weight_other) -> (Tensor grad_z, "
-                    "Tensor grad_mu, Tensor grad_logvar)",
+                   "Tensor log_prod_qz, Tensor log_qz_x, Tensor log_pz, Tensor lse_marginal)",
+    backward_schema="(Tensor? grad_log_qz, Tensor? grad_log_prod_qz, Tensor? grad_log_qz_x, "
+                    "Tensor? grad_log_pz, Tensor z, Tensor mu, Tensor logvar, Tensor log_qz, "
+                    "Tensor lse_marginal, float log_weight_self, float log_weight_next, "
+                    "float log_weight_other) -> (Tensor grad_z, Tensor grad_mu, "
+                    "Tensor grad_logvar)",
     triton_launchers=_triton_launchers, check_forward=_check_kernel_args,
     check_backward=_check_kernel_backward_args, fake_forward=_fake_forward,
     fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
@@ -297,6 +304,6 @@ def kl_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, da
     if backend == "reference":
         return kl_decomposition_reference(z, mu, logvar, dataset_size, estimator=estimator)
     log_weights = pair_log_weights(estimator, batch, int(dataset_size))
-    log_qz, lse_marginal = KERNEL_OP.apply(backend, z.contiguous(), mu.contiguous(),
-                                           logvar.contiguous(), *log_weights)
-    return _terms(log_qz, lse_marginal.sum(-1), z, mu, logvar)
+    *densities, _ = KERNEL_OP.apply(backend, z.contiguous(), mu.contiguous(),
+                                    logvar.contiguous(), *log_weights)
+    return _terms(*densities)

@@ -137,14 +137,27 @@ PYVAE_INLINE void set_log_weights(const Pairs<T>& in, int64_t i, const T* __rest
 
 // ---- forward: one sample i per call ------------------------------------------------------------
 
-// log_qz[i] and lse_marginal[i, :] (in nats). Scratch: joint, x (B each). One fused loop over j
-// per d (ell2, the joint's running sum, the log-weight), then the logsumexp's two passes.
+// The forward's outputs of one model (K = 1) or of all K models: rows (k, i) of log_qz,
+// log_prod_qz, log_qz_x, log_pz (K·B) and of lse_marginal (K·B, D), in nats.
+template <typename T>
+struct Outputs {
+  T* log_qz;
+  T* log_prod_qz;
+  T* log_qz_x;
+  T* log_pz;
+  T* lse_marginal;
+};
+
+// Row `row` of the outputs, sample i of `in`. Scratch: joint, x (B each). One fused loop over j
+// per d (ell2, the joint's running sum, the log-weight), then the logsumexp's two passes; the
+// per-row terms (the sample's own posterior, the prior, the sum of the marginals) come along.
 template <typename T>
 PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joint,
-                              T* __restrict__ x, T* __restrict__ log_qz_i,
-                              T* __restrict__ lse_row) {
+                              T* __restrict__ x, const Outputs<T>& out, int64_t row) {
   const int64_t B = in.batch, D = in.dim, next = in.next(i);
   const T lw2_other = in.lw2_other;
+  T* __restrict__ lse_row = out.lse_marginal + row * D;
+  T own2 = T(0), sum_lse = T(0), sum_z2 = T(0);
   for (int64_t j = 0; j < B; ++j) joint[j] = T(0);
   for (int64_t d = 0; d < D; ++d) {
     const T z_id = in.z[i * D + d];
@@ -173,14 +186,21 @@ PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joi
       lane[0] = x[j] > lane[0] ? x[j] : lane[0];
     }
     // The two special pairs, set (not corrected: lw2_other may be -inf) from their ell2.
+    const T own_ell2 = in.ell2(i, d, i);
     x[next] = in.ell2(i, d, next) + in.lw2_next;
-    x[i] = in.ell2(i, d, i) + in.lw2_self;
+    x[i] = own_ell2 + in.lw2_self;
     T max = x[next] > x[i] ? x[next] : x[i];
     for (int k = 0; k < kLanes; ++k) max = lane[k] > max ? lane[k] : max;
     lse_row[d] = T(kLn2) * shifted_logsumexp2(x, B, safe_shift(max));
+    own2 += own_ell2;
+    sum_lse += lse_row[d];
+    sum_z2 += z_id * z_id;
   }
   set_log_weights(in, i, joint, x);
-  *log_qz_i = T(kLn2) * logsumexp2(x, B);
+  out.log_qz[row] = T(kLn2) * logsumexp2(x, B);
+  out.log_prod_qz[row] = sum_lse;
+  out.log_qz_x[row] = T(kLn2) * own2;
+  out.log_pz[row] = T(-0.5) * (T(kLog2Pi) * T(D) + sum_z2);
 }
 
 // ---- backward: one sample i per call -----------------------------------------------------------
@@ -188,14 +208,29 @@ PYVAE_INLINE void forward_row(const Pairs<T>& in, int64_t i, T* __restrict__ joi
 // The backward's inputs: upstream gradients (nullptr: zero) and the forward's saved outputs.
 template <typename T>
 struct Upstream {
-  const T* grad_log_qz;        // (B,)
-  const T* grad_lse_marginal;  // (B, D)
-  const T* log_qz;             // (B,)
-  const T* lse_marginal;       // (B, D)
+  const T* grad_log_qz;       // (B,)
+  const T* grad_log_prod_qz;  // (B,)
+  const T* grad_log_qz_x;     // (B,)
+  const T* grad_log_pz;       // (B,)
+  const T* log_qz;            // (B,)
+  const T* lse_marginal;      // (B, D)
+
+  // Model k's slices of every (K, B) and (K, B, D) tensor.
+  Upstream model(int64_t k, int64_t batch, int64_t dim) const {
+    const auto rows = [&](const T* p) { return p == nullptr ? nullptr : p + k * batch; };
+    return {rows(grad_log_qz), rows(grad_log_prod_qz), rows(grad_log_qz_x), rows(grad_log_pz),
+            rows(log_qz), lse_marginal + k * batch * dim};
+  }
 };
 
-// Sample i's terms of every gradient: grad_z[i, :] (complete), and its contributions to
-// grad_mu and grad_logvar added into the (D, B) buffers acc_mu, acc_logvar.
+template <typename T>
+PYVAE_INLINE T value_or_zero(const T* p, int64_t i) {
+  return p == nullptr ? T(0) : p[i];
+}
+
+// Sample i's terms of every gradient (its pairs, its own posterior and the prior): grad_z[i, :]
+// (complete), and its contributions to grad_mu and grad_logvar added into the (D, B) buffers
+// acc_mu, acc_logvar.
 // Scratch: p, x, ct (B each).
 template <typename T>
 PYVAE_INLINE void backward_row(const Pairs<T>& in, const Upstream<T>& up, int64_t i,
@@ -220,13 +255,17 @@ PYVAE_INLINE void backward_row(const Pairs<T>& in, const Upstream<T>& up, int64_
     const T g = up.grad_log_qz[i], shift = T(kLog2E) * up.log_qz[i];
     for (int64_t j = 0; j < B; ++j) p[j] = g * exp2_acc(x[j] - shift);
   }
+  // The marginals' coefficient (the same for every d), the own posterior's (the pair j == i) and
+  // the prior's.
+  const T g = value_or_zero(up.grad_log_prod_qz, i);
+  const T g_own = value_or_zero(up.grad_log_qz_x, i);
+  const T g_prior = value_or_zero(up.grad_log_pz, i);
   for (int64_t d = 0; d < D; ++d) {
     const T z_id = in.z[i * D + d];
     const T* __restrict__ mu_d = in.mu + d * B;
     const T* __restrict__ iv_d = in.inv_var + d * B;
     T* __restrict__ acc_mu_d = acc_mu + d * B;
     T* __restrict__ acc_lv_d = acc_logvar + d * B;
-    const T g = up.grad_lse_marginal == nullptr ? T(0) : up.grad_lse_marginal[i * D + d];
     if (g != T(0)) {
       // x[j] = c_ijd = p + g r_ijd, with r_ijd = exp2(lw2_ij + ell2_ijd - log2(e) lse_marginal[i, d]).
       const T* __restrict__ hv_d = in.half_inv_var2 + d * B;
@@ -244,6 +283,7 @@ PYVAE_INLINE void backward_row(const Pairs<T>& in, const Upstream<T>& up, int64_
     } else {
       for (int64_t j = 0; j < B; ++j) x[j] = p[j];
     }
+    x[i] += g_own;  // log_qz_x[i] is the pair (i, i)'s sum_d ell_iid: c_iid gains its gradient
     for (int64_t j = 0; j < B; ++j) {
       const T diff = z_id - mu_d[j];
       const T t = diff * iv_d[j];
@@ -252,15 +292,15 @@ PYVAE_INLINE void backward_row(const Pairs<T>& in, const Upstream<T>& up, int64_
       acc_mu_d[j] += c_t;
       acc_lv_d[j] += x[j] * (T(0.5) * diff * t - T(0.5));
     }
-    grad_z_i[d] = -sum_of(ct, B);
+    grad_z_i[d] = -sum_of(ct, B) - g_prior * z_id;
   }
 }
 
 // float32 rows are compiled per instruction set (one indirect call per row); float64 rows use
 // the templates.
 PYVAE_VECTORIZE void forward_row_f32(const Pairs<float>& in, int64_t i, float* joint, float* x,
-                                     float* log_qz_i, float* lse_row) {
-  forward_row(in, i, joint, x, log_qz_i, lse_row);
+                                     const Outputs<float>& out, int64_t row) {
+  forward_row(in, i, joint, x, out, row);
 }
 PYVAE_VECTORIZE void backward_row_f32(const Pairs<float>& in, const Upstream<float>& up,
                                       int64_t i, float* p, float* x, float* ct, float* grad_z_i,
@@ -273,9 +313,10 @@ PYVAE_VECTORIZE void add_rows_f32(float* __restrict__ into, const float* __restr
 }
 
 template <typename T>
-void forward_one(const Pairs<T>& in, int64_t i, T* joint, T* x, T* log_qz_i, T* lse_row) {
-  if constexpr (std::is_same_v<T, float>) forward_row_f32(in, i, joint, x, log_qz_i, lse_row);
-  else forward_row(in, i, joint, x, log_qz_i, lse_row);
+void forward_one(const Pairs<T>& in, int64_t i, T* joint, T* x, const Outputs<T>& out,
+                 int64_t row) {
+  if constexpr (std::is_same_v<T, float>) forward_row_f32(in, i, joint, x, out, row);
+  else forward_row(in, i, joint, x, out, row);
 }
 template <typename T>
 void backward_one(const Pairs<T>& in, const Upstream<T>& up, int64_t i, T* p, T* x, T* ct,
@@ -294,10 +335,12 @@ void add_rows(T* into, const T* from, int64_t n) {
 // ---- tensors and threads -----------------------------------------------------------------------
 
 // Owns the compute-type copies behind the Pairs views of the K models (K = 1 for a 2-D input):
-// z (K, B, D), the posteriors transposed to (K, D, B).
+// z (K, B, D), and the posteriors' four (K, D, B) arrays mu, inv_var, half_inv_var2, log_norm2
+// in one (4, K, D, B) tensor, filled by one loop (not eight small ATen ops: at B = 256 those cost
+// as much as a tenth of the kernel).
 template <typename T>
 struct Batch {
-  at::Tensor z, mu_t, inv_var_t, half_inv_var2_t, log_norm2_t;
+  at::Tensor z, posteriors;
   int64_t models, batch, dim;
   T lw2_self, lw2_next, lw2_other;
 
@@ -307,19 +350,38 @@ struct Batch {
         lw2_self(T(kLog2E * self)), lw2_next(T(kLog2E * next)), lw2_other(T(kLog2E * other)) {
     const at::ScalarType acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
     z = z_in.to(acc).contiguous();
-    mu_t = mu_in.to(acc).transpose(-1, -2).contiguous();
-    const at::Tensor logvar_t = logvar_in.to(acc).transpose(-1, -2);
-    inv_var_t = at::exp(-logvar_t).contiguous();
-    half_inv_var2_t = inv_var_t * (0.5 * kLog2E);
-    log_norm2_t = ((logvar_t + kLog2Pi) * (-0.5 * kLog2E)).contiguous();
+    const at::Tensor mu = mu_in.to(acc).contiguous(), logvar = logvar_in.to(acc).contiguous();
+    posteriors = at::empty({4, models, dim, batch}, z.options());
+    const T* mu_in_data = mu.data_ptr<T>();
+    const T* logvar_in_data = logvar.data_ptr<T>();
+    T* out = posteriors.data_ptr<T>();
+    const int64_t B = batch, D = dim, plane = models * D * B;
+    // Parallel over the K·B posteriors (k, j); each reads its D values and writes column j of
+    // model k's four (D, B) arrays.
+    const int64_t rows_per_task =
+        std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(D, 1));
+    at::parallel_for(0, models * B, rows_per_task, [&](int64_t begin, int64_t end) {
+      for (int64_t kj = begin; kj < end; ++kj) {
+        const int64_t k = kj / B, j = kj % B;
+        for (int64_t d = 0; d < D; ++d) {
+          const T lv = logvar_in_data[kj * D + d];
+          const T inv_var = std::exp(-lv);
+          const int64_t at = (k * D + d) * B + j;
+          out[at] = mu_in_data[kj * D + d];
+          out[plane + at] = inv_var;
+          out[2 * plane + at] = inv_var * T(0.5 * kLog2E);
+          out[3 * plane + at] = (lv + T(kLog2Pi)) * T(-0.5 * kLog2E);
+        }
+      }
+    });
   }
 
   // Model k's batch.
   Pairs<T> pairs(int64_t k) const {
-    const int64_t offset = k * batch * dim;
-    return Pairs<T>{z.data_ptr<T>() + offset,           mu_t.data_ptr<T>() + offset,
-                    inv_var_t.data_ptr<T>() + offset,   half_inv_var2_t.data_ptr<T>() + offset,
-                    log_norm2_t.data_ptr<T>() + offset, batch, dim, lw2_self, lw2_next, lw2_other};
+    const int64_t offset = k * batch * dim, plane = models * batch * dim;
+    const T* post = posteriors.data_ptr<T>() + offset;
+    return Pairs<T>{z.data_ptr<T>() + offset, post, post + plane, post + 2 * plane,
+                    post + 3 * plane, batch, dim, lw2_self, lw2_next, lw2_other};
   }
 };
 
@@ -328,35 +390,39 @@ int64_t grain(int64_t batch, int64_t dim) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(batch * dim, 1));
 }
 
-// Parallel over the K·B rows (k, i) of every model; log_qz (K, B), lse_marginal (K, B, D).
+// Parallel over the K·B rows (k, i) of every model.
 template <typename T>
-void forward_impl(const Batch<T>& in, T* log_qz, T* lse_marginal) {
+void forward_impl(const Batch<T>& in, const Outputs<T>& out) {
   const int64_t B = in.batch, D = in.dim;
   at::parallel_for(0, in.models * B, grain(B, D), [&](int64_t begin, int64_t end) {
     std::vector<T> joint(B), x(B);
     for (int64_t row = begin; row < end; ++row) {
-      const Pairs<T> pairs = in.pairs(row / B);
-      forward_one(pairs, row % B, joint.data(), x.data(), log_qz + row, lse_marginal + row * D);
+      forward_one(in.pairs(row / B), row % B, joint.data(), x.data(), out, row);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
     const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, double log_weight_self,
     double log_weight_next, double log_weight_other) {
   check_kl_decomposition_args(z, mu, logvar);
   const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
-  at::Tensor log_qz = at::empty(z.sizes().slice(0, z.dim() - 1), acc);
+  const at::IntArrayRef rows = z.sizes().slice(0, z.dim() - 1);
+  at::Tensor log_qz = at::empty(rows, acc), log_prod_qz = at::empty(rows, acc);
+  at::Tensor log_qz_x = at::empty(rows, acc), log_pz = at::empty(rows, acc);
   at::Tensor lse_marginal = at::empty(z.sizes(), acc);
-  if (z.numel() == 0) return {log_qz, lse_marginal};
-  if (acc.dtype() == at::kDouble) {
-    const Batch<double> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    forward_impl(in, log_qz.data_ptr<double>(), lse_marginal.data_ptr<double>());
-  } else {
-    const Batch<float> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    forward_impl(in, log_qz.data_ptr<float>(), lse_marginal.data_ptr<float>());
+  if (z.numel() > 0) {
+    const auto run = [&](auto zero) {
+      using T = decltype(zero);
+      const Batch<T> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
+      forward_impl(in, Outputs<T>{log_qz.data_ptr<T>(), log_prod_qz.data_ptr<T>(),
+                                  log_qz_x.data_ptr<T>(), log_pz.data_ptr<T>(),
+                                  lse_marginal.data_ptr<T>()});
+    };
+    if (acc.dtype() == at::kDouble) run(double(0));
+    else run(float(0));
   }
-  return {log_qz, lse_marginal};
+  return {log_qz, log_prod_qz, log_qz_x, log_pz, lse_marginal};
 }
 
 // The blocks of samples of the backward: a function of (B, D) only, never of the thread count,
@@ -373,15 +439,9 @@ int64_t backward_blocks(int64_t batch, int64_t dim, int64_t elem_bytes) {
 
 // Parallel over the K·blocks blocks (k, b); grad_z, grad_mu, grad_logvar are (K, B, D) in T.
 template <typename T>
-void backward_impl(const Batch<T>& in, const std::optional<at::Tensor>& grad_log_qz,
-                   const std::optional<at::Tensor>& grad_lse_marginal, const at::Tensor& log_qz,
-                   const at::Tensor& lse_marginal, at::Tensor& grad_z, at::Tensor& grad_mu,
-                   at::Tensor& grad_logvar) {
+void backward_impl(const Batch<T>& in, const Upstream<T>& upstream, at::Tensor& grad_z,
+                   at::Tensor& grad_mu, at::Tensor& grad_logvar) {
   const int64_t K = in.models, B = in.batch, D = in.dim;
-  const T* g_log_qz = grad_log_qz.has_value() ? grad_log_qz->data_ptr<T>() : nullptr;
-  const T* g_lse = grad_lse_marginal.has_value() ? grad_lse_marginal->data_ptr<T>() : nullptr;
-  const T* saved_log_qz = log_qz.data_ptr<T>();
-  const T* saved_lse = lse_marginal.data_ptr<T>();
   const int64_t blocks = backward_blocks(B, D, sizeof(T));
   const int64_t block_size = 2 * D * B;
   // acc[k, b] = (grad_mu^T, grad_logvar^T) of model k's block b of samples, each (D, B).
@@ -393,9 +453,7 @@ void backward_impl(const Batch<T>& in, const std::optional<at::Tensor>& grad_log
     for (int64_t kb = first; kb < last; ++kb) {
       const int64_t k = kb / blocks, b = kb % blocks;
       const Pairs<T> pairs = in.pairs(k);
-      const Upstream<T> up{g_log_qz == nullptr ? nullptr : g_log_qz + k * B,
-                           g_lse == nullptr ? nullptr : g_lse + k * B * D, saved_log_qz + k * B,
-                           saved_lse + k * B * D};
+      const Upstream<T> up = upstream.model(k, B, D);
       T* acc_mu = acc_data + kb * block_size;
       for (int64_t i = b * B / blocks; i < (b + 1) * B / blocks; ++i)
         backward_one(pairs, up, i, p.data(), x.data(), ct.data(), g_z + (k * B + i) * D, acc_mu,
@@ -419,29 +477,36 @@ void backward_impl(const Batch<T>& in, const std::optional<at::Tensor>& grad_log
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cpu(
     const std::optional<at::Tensor>& grad_log_qz,
-    const std::optional<at::Tensor>& grad_lse_marginal, const at::Tensor& z,
-    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& log_qz,
+    const std::optional<at::Tensor>& grad_log_prod_qz,
+    const std::optional<at::Tensor>& grad_log_qz_x, const std::optional<at::Tensor>& grad_log_pz,
+    const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& log_qz,
     const at::Tensor& lse_marginal, double log_weight_self, double log_weight_next,
     double log_weight_other) {
-  check_kl_decomposition_backward_args(grad_log_qz, grad_lse_marginal, z, mu, logvar, log_qz,
-                                       lse_marginal);
+  check_kl_decomposition_backward_args(grad_log_qz, grad_log_prod_qz, grad_log_qz_x, grad_log_pz,
+                                       z, mu, logvar, log_qz, lse_marginal);
   const at::ScalarType acc = accumulation_dtype(z.scalar_type());
-  if ((!grad_log_qz.has_value() && !grad_lse_marginal.has_value()) || z.numel() == 0) {
+  const bool any_grad = grad_log_qz.has_value() || grad_log_prod_qz.has_value() ||
+                        grad_log_qz_x.has_value() || grad_log_pz.has_value();
+  if (!any_grad || z.numel() == 0) {
     return {at::zeros_like(z), at::zeros_like(z), at::zeros_like(z)};
   }
   // Accumulated in the compute type, then rounded once to the input dtype.
   at::Tensor grad_z = at::empty(z.sizes(), z.options().dtype(acc));
   at::Tensor grad_mu = at::empty_like(grad_z);
   at::Tensor grad_logvar = at::empty_like(grad_z);
-  if (acc == at::kDouble) {
-    const Batch<double> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    backward_impl(in, grad_log_qz, grad_lse_marginal, log_qz, lse_marginal, grad_z, grad_mu,
-                  grad_logvar);
-  } else {
-    const Batch<float> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
-    backward_impl(in, grad_log_qz, grad_lse_marginal, log_qz, lse_marginal, grad_z, grad_mu,
-                  grad_logvar);
-  }
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const auto data = [](const std::optional<at::Tensor>& t) -> const T* {
+      return t.has_value() ? t->data_ptr<T>() : nullptr;
+    };
+    const Batch<T> in(z, mu, logvar, log_weight_self, log_weight_next, log_weight_other);
+    const Upstream<T> upstream{data(grad_log_qz),   data(grad_log_prod_qz),
+                               data(grad_log_qz_x), data(grad_log_pz),
+                               log_qz.data_ptr<T>(), lse_marginal.data_ptr<T>()};
+    backward_impl(in, upstream, grad_z, grad_mu, grad_logvar);
+  };
+  if (acc == at::kDouble) run(double(0));
+  else run(float(0));
   const at::ScalarType out = z.scalar_type();
   return {grad_z.to(out), grad_mu.to(out), grad_logvar.to(out)};
 }

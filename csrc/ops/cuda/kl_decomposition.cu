@@ -1,6 +1,9 @@
 // CUDA kernels of the streaming minibatch log-density estimator behind the β-TCVAE KL
 // decomposition (the maths is in ops/kl_decomposition.h): log q(z_i) and log q(z_id) as
-// logsumexps over the batch of posteriors, and their gradients, without a B x B x D tensor.
+// logsumexps over the batch of posteriors, and their gradients, without a B x B x D tensor. The
+// per-row terms that come with them, log prod_d q(z_id) = sum_d log q(z_id), log q(z_i | x_i) and
+// log p(z_i), are computed (forward) and differentiated (backward) in the same kernels, added to
+// the pair sums before the single rounding to the input dtype.
 //
 // Work split: a row (a sample i in the forward and grad_z kernels, a posterior j in the
 // grad_mu/grad_logvar kernel) belongs to a group of `lanes` threads of one warp, a power of two up
@@ -177,6 +180,9 @@ struct ForwardParams {
   const T* mu;
   const T* logvar;
   acc_t<T>* log_qz;
+  acc_t<T>* log_prod_qz;
+  acc_t<T>* log_qz_x;
+  acc_t<T>* log_pz;
   acc_t<T>* lse_marginal;
   acc_t<T> w_self;  // log2 pair weights
   acc_t<T> w_next;
@@ -188,8 +194,10 @@ struct ForwardParams {
 
 template <typename T>
 struct BackwardParams {
-  const acc_t<T>* grad_log_qz;        // nullptr: zero
-  const acc_t<T>* grad_lse_marginal;  // nullptr: zero
+  const acc_t<T>* grad_log_qz;  // (B,) each, nullptr: zero
+  const acc_t<T>* grad_log_prod_qz;
+  const acc_t<T>* grad_log_qz_x;
+  const acc_t<T>* grad_log_pz;
   const T* z;
   const T* mu;
   const T* logvar;
@@ -214,6 +222,9 @@ __host__ __device__ ForwardParams<T> model_params(ForwardParams<T> p, int64_t k)
   p.mu += elements;
   p.logvar += elements;
   p.log_qz += rows;
+  p.log_prod_qz += rows;
+  p.log_qz_x += rows;
+  p.log_pz += rows;
   p.lse_marginal += elements;
   return p;
 }
@@ -222,7 +233,9 @@ template <typename T>
 __host__ __device__ BackwardParams<T> model_params(BackwardParams<T> p, int64_t k) {
   const int64_t rows = k * p.batch, elements = rows * p.dim;
   if (p.grad_log_qz != nullptr) p.grad_log_qz += rows;
-  if (p.grad_lse_marginal != nullptr) p.grad_lse_marginal += elements;
+  if (p.grad_log_prod_qz != nullptr) p.grad_log_prod_qz += rows;
+  if (p.grad_log_qz_x != nullptr) p.grad_log_qz_x += rows;
+  if (p.grad_log_pz != nullptr) p.grad_log_pz += rows;
   p.z += elements;
   p.mu += elements;
   p.logvar += elements;
@@ -234,7 +247,8 @@ __host__ __device__ BackwardParams<T> model_params(BackwardParams<T> p, int64_t 
   return p;
 }
 
-// One row i per lane group: log_qz[i] and lse_marginal[i, :], streaming all j in staged tiles.
+// One row i per lane group: log_qz[i] and lse_marginal[i, :], streaming all j in staged tiles,
+// then the row's sums over d: log_prod_qz[i], log_qz_x[i] and log_pz[i].
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     kl_decomposition_forward_kernel(const ForwardParams<T> params) {
@@ -257,7 +271,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 
   A m_joint = lowest<A>();
   A l_joint = 0;
-  // D == 0 still runs one pass, over padded dims only: log_qz[i] = logsumexp_j lw_ij.
+  A sum_marg = 0;  // this lane's share of log_prod_qz[i], over all chunks
+  // D == 0 still runs one pass, over padded dims only: log_qz[i] = logsumexp_j lw_ij, and the
+  // sums over d are 0.
   int64_t d0 = 0;
   do {
     A z[kMaxDimsPerLane];
@@ -306,23 +322,49 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       }
     }
 
-    if (row_ok) {
 #pragma unroll
-      for (int k = 0; k < kMaxDimsPerLane; ++k) {
-        const int64_t d = d0 + split.dim(k);
-        if (k < geo.dims_per_lane && d < p.dim) {
-          p.lse_marginal[i * p.dim + d] = lse_finish(m[k], l[k]);
-        }
+    for (int k = 0; k < kMaxDimsPerLane; ++k) {
+      const int64_t d = d0 + split.dim(k);
+      if (k < geo.dims_per_lane && d < p.dim) {
+        const A lse = lse_finish(m[k], l[k]);
+        sum_marg += lse;
+        if (row_ok) p.lse_marginal[i * p.dim + d] = lse;
       }
     }
     d0 += geo.chunk;
-  } while (d0 < p.dim);
+    // The fused kernel (D <= chunk) makes exactly one pass; saying so stops ptxas from reserving
+    // registers for a loop that never repeats (the loop-carried sum_marg cost some 16).
+  } while (!kFused && d0 < p.dim);
 
-  if (row_ok && split.lane == 0) p.log_qz[i] = lse_finish(m_joint, l_joint);
+  // The self pair's log-density and the prior's, in nats, over all D from global memory: one
+  // pass over the row, so not worth registers across the pair loop.
+  A part_qz_x = 0;
+  A part_pz = 0;
+  const T* z_row = p.z + i_load * p.dim;
+  const T* mu_row = p.mu + i_load * p.dim;
+  const T* logvar_row = p.logvar + i_load * p.dim;
+  for (int64_t d = split.lane; d < p.dim; d += int64_t{1} << geo.lanes_log2) {
+    const A zd = to_acc(z_row[d]);
+    const A lv = to_acc(logvar_row[d]);
+    const A diff = zd - to_acc(mu_row[d]);
+    part_qz_x += A(-0.5) * (A(kLog2Pi) + lv + diff * diff * exp_acc(-lv));
+    part_pz += A(-0.5) * (A(kLog2Pi) + zd * zd);
+  }
+  // Outside the row_ok branch: every lane of the warp takes part in the shuffles.
+  const A log_prod_qz = lane_sum(sum_marg, geo.lanes_log2);
+  const A log_qz_x = lane_sum(part_qz_x, geo.lanes_log2);
+  const A log_pz = lane_sum(part_pz, geo.lanes_log2);
+  if (row_ok && split.lane == 0) {
+    p.log_qz[i] = lse_finish(m_joint, l_joint);
+    p.log_prod_qz[i] = log_prod_qz;
+    p.log_qz_x[i] = log_qz_x;
+    p.log_pz[i] = log_pz;
+  }
 }
 
 // One row i per lane group: grad_z[i, d] = -sum_j c_ijd (z_id - mu_jd) exp(-logvar_jd), streaming
-// all j in staged tiles. Rows past the batch read zero gradients and store nothing.
+// all j in staged tiles, plus the per-row terms -gx_i t_iid - gp_i z_id of log q(z_i | x_i) and
+// log p(z_i). Rows past the batch read zero gradients and store nothing.
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     kl_decomposition_grad_z_kernel(const BackwardParams<T> params) {
@@ -341,15 +383,22 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
   const int64_t i_load = row_ok ? i : p.batch - 1;
   const int64_t next_i = i + 1 == p.batch ? 0 : i + 1;
   const bool has_joint = p.grad_log_qz != nullptr;
-  const bool has_marginal = p.grad_lse_marginal != nullptr;
+  const bool has_marginal = p.grad_log_prod_qz != nullptr;
+  const bool has_qz_x = p.grad_log_qz_x != nullptr;
+  // With only per-row gradients the pair sums are exactly 0: no pair loop (uniform per launch,
+  // so skipping its barriers is safe).
+  const int64_t pair_rows = has_joint || has_marginal ? p.batch : 0;
 
   const A g_joint = has_joint && row_ok ? p.grad_log_qz[i] : A(0);
   const A log2_qz = has_joint ? p.log_qz[i_load] * A(kLog2E) : A(0);
+  // log_prod_qz[i] = sum_d lse_marginal[i, d]: one gradient for all the row's dims.
+  const A g_marg = has_marginal && row_ok ? p.grad_log_prod_qz[i] : A(0);
+  const A g_qz_x = has_qz_x && row_ok ? p.grad_log_qz_x[i] : A(0);
+  const A g_pz = p.grad_log_pz != nullptr && row_ok ? p.grad_log_pz[i] : A(0);
 
   for (int64_t d0 = 0; d0 < p.dim; d0 += geo.chunk) {
     A z[kMaxDimsPerLane];
     A log2_marg[kMaxDimsPerLane];
-    A g_marg[kMaxDimsPerLane];
     A acc[kMaxDimsPerLane];
 #pragma unroll
     for (int k = 0; k < kMaxDimsPerLane; ++k) {
@@ -358,11 +407,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       const int64_t offset = i_load * p.dim + d;
       z[k] = ok ? to_acc(p.z[offset]) : A(0);
       log2_marg[k] = ok && has_marginal ? p.lse_marginal[offset] * A(kLog2E) : A(0);
-      g_marg[k] = ok && has_marginal && row_ok ? p.grad_lse_marginal[offset] : A(0);
       acc[k] = 0;
     }
 
-    for (int64_t j0 = 0; j0 < p.batch; j0 += geo.tile_rows) {
+    for (int64_t j0 = 0; j0 < pair_rows; j0 += geo.tile_rows) {
       const int rows = tile_extent(p.batch, j0, geo.tile_rows);
       __syncthreads();
       stage_posteriors(p.mu, p.logvar, j0, rows, d0, p.dim, geo.chunk, A(1), s_mu, s_inv_var,
@@ -384,7 +432,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
           ell[k] = ok ? fma(diff * t[k], A(-0.5 * kLog2E), s_c[c]) : A(0);
           part += ell[k];
         }
-        // c_ijd = g_i p_ij + G_id r_ijd with p, r <= 1 recomputed against the saved logsumexps.
+        // c_ijd = g_i p_ij + G_i r_ijd with p, r <= 1 recomputed against the saved logsumexps.
         A gp = 0;
         if (has_joint) {
           A score;
@@ -400,7 +448,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
         for (int k = 0; k < kMaxDimsPerLane; ++k) {
           if (k < geo.dims_per_lane) {
             const A coef =
-                has_marginal ? fma(g_marg[k], exp2_acc(ell[k] + w - log2_marg[k]), gp) : gp;
+                has_marginal ? fma(g_marg, exp2_acc(ell[k] + w - log2_marg[k]), gp) : gp;
             acc[k] = fma(coef, t[k], acc[k]);
           }
         }
@@ -411,7 +459,16 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 #pragma unroll
       for (int k = 0; k < kMaxDimsPerLane; ++k) {
         const int64_t d = d0 + split.dim(k);
-        if (k < geo.dims_per_lane && d < p.dim) p.grad_z[i * p.dim + d] = from_acc<T>(-acc[k]);
+        if (k < geo.dims_per_lane && d < p.dim) {
+          // The per-row terms join the pair sum before the one rounding; t_iid uses row i's
+          // own posterior, which no tile holds in registers here.
+          A sum = fma(g_pz, z[k], acc[k]);
+          if (has_qz_x) {
+            const A lv = to_acc(p.logvar[i * p.dim + d]);
+            sum = fma(g_qz_x, (z[k] - to_acc(p.mu[i * p.dim + d])) * exp_acc(-lv), sum);
+          }
+          p.grad_z[i * p.dim + d] = from_acc<T>(-sum);
+        }
       }
     }
   }
@@ -420,7 +477,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
 // One posterior j per lane group, streaming all i in staged tiles of z, the saved logsumexps and
 // the incoming gradients: grad_mu[j, d] = sum_i c_ijd t_ijd and
 // grad_logvar[j, d] = 0.5 sum_i c_ijd (q_ijd - 1), t = (z_id - mu_jd) exp(-logvar_jd),
-// q = (z_id - mu_jd) t. Each block owns its output rows, so the sums need no atomics.
+// q = (z_id - mu_jd) t, plus the self term of log q(z_j | x_j): gx_j t_jjd and
+// 0.5 gx_j (q_jjd - 1). Each block owns its output rows, so the sums need no atomics.
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
     kl_decomposition_grad_posterior_kernel(const BackwardParams<T> params) {
@@ -429,18 +487,23 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
   extern __shared__ __align__(16) unsigned char smem[];
   const Geometry geo = p.geo;
   const int tile = geo.tile_rows * geo.chunk;
+  // Two [tile_rows][chunk] arrays, then three per-row ones (backward_typed sizes them).
   A* s_z = reinterpret_cast<A*>(smem);
   A* s_log2_marg = s_z + tile;
-  A* s_g_marg = s_log2_marg + tile;
-  A* s_log2_qz = s_g_marg + tile;
+  A* s_log2_qz = s_log2_marg + tile;
   A* s_g_joint = s_log2_qz + geo.tile_rows;
+  A* s_g_marg = s_g_joint + geo.tile_rows;
 
   const LaneSplit split(geo.lanes_log2);
   const int64_t j = split.row;
   const bool col_ok = j < p.batch;
   const int64_t j_load = col_ok ? j : p.batch - 1;
   const bool has_joint = p.grad_log_qz != nullptr;
-  const bool has_marginal = p.grad_lse_marginal != nullptr;
+  const bool has_marginal = p.grad_log_prod_qz != nullptr;
+  const bool has_qz_x = p.grad_log_qz_x != nullptr;
+  // As in the grad_z kernel: no pair loop when only per-row gradients are given.
+  const int64_t pair_rows = has_joint || has_marginal ? p.batch : 0;
+  const A g_qz_x = has_qz_x && col_ok ? p.grad_log_qz_x[j] : A(0);
 
   for (int64_t d0 = 0; d0 < p.dim; d0 += geo.chunk) {
     A mu[kMaxDimsPerLane];
@@ -460,7 +523,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       acc_logvar[k] = 0;
     }
 
-    for (int64_t i0 = 0; i0 < p.batch; i0 += geo.tile_rows) {
+    for (int64_t i0 = 0; i0 < pair_rows; i0 += geo.tile_rows) {
       const int rows = tile_extent(p.batch, i0, geo.tile_rows);
       __syncthreads();
       for (int idx = threadIdx.x; idx < rows * geo.chunk; idx += blockDim.x) {
@@ -469,16 +532,14 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
         const int64_t offset = (i0 + r) * p.dim + d;
         const bool ok = d < p.dim;
         s_z[idx] = ok ? to_acc(p.z[offset]) : A(0);
-        if (has_marginal) {
-          s_log2_marg[idx] = ok ? p.lse_marginal[offset] * A(kLog2E) : A(0);
-          s_g_marg[idx] = ok ? p.grad_lse_marginal[offset] : A(0);
-        }
+        if (has_marginal) s_log2_marg[idx] = ok ? p.lse_marginal[offset] * A(kLog2E) : A(0);
       }
-      if (has_joint) {
-        for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+      for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        if (has_joint) {
           s_log2_qz[r] = p.log_qz[i0 + r] * A(kLog2E);
           s_g_joint[r] = p.grad_log_qz[i0 + r];
         }
+        if (has_marginal) s_g_marg[r] = p.grad_log_prod_qz[i0 + r];
       }
       __syncthreads();
       for (int ii = 0; ii < rows; ++ii) {
@@ -511,12 +572,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
           }
           gp = s_g_joint[ii] * exp2_acc(score + w - s_log2_qz[ii]);
         }
+        const A g_marg = has_marginal ? s_g_marg[ii] : A(0);
 #pragma unroll
         for (int k = 0; k < kMaxDimsPerLane; ++k) {
           if (k < geo.dims_per_lane) {
             const int cc = base + split.dim(k);
             const A coef =
-                has_marginal ? fma(s_g_marg[cc], exp2_acc(ell[k] + w - s_log2_marg[cc]), gp) : gp;
+                has_marginal ? fma(g_marg, exp2_acc(ell[k] + w - s_log2_marg[cc]), gp) : gp;
             acc_mu[k] = fma(coef, t[k], acc_mu[k]);
             acc_logvar[k] = fma(coef, q[k] - A(1), acc_logvar[k]);
           }
@@ -529,8 +591,17 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm)
       for (int k = 0; k < kMaxDimsPerLane; ++k) {
         const int64_t d = d0 + split.dim(k);
         if (k < geo.dims_per_lane && d < p.dim) {
-          p.grad_mu[j * p.dim + d] = from_acc<T>(acc_mu[k]);
-          p.grad_logvar[j * p.dim + d] = from_acc<T>(A(0.5) * acc_logvar[k]);
+          // The self term joins the pair sums before the one rounding; z_jd is not staged here.
+          A sum_mu = acc_mu[k];
+          A sum_logvar = acc_logvar[k];
+          if (has_qz_x) {
+            const A diff = to_acc(p.z[j * p.dim + d]) - mu[k];
+            const A t = diff * inv_var[k];
+            sum_mu = fma(g_qz_x, t, sum_mu);
+            sum_logvar = fma(g_qz_x, fma(diff, t, A(-1)), sum_logvar);
+          }
+          p.grad_mu[j * p.dim + d] = from_acc<T>(sum_mu);
+          p.grad_logvar[j * p.dim + d] = from_acc<T>(A(0.5) * sum_logvar);
         }
       }
     }
@@ -605,6 +676,9 @@ cudaError_t forward_typed(const KLDecompositionForward& args, cudaStream_t strea
                           static_cast<const T*>(args.mu),
                           static_cast<const T*>(args.logvar),
                           static_cast<A*>(args.log_qz),
+                          static_cast<A*>(args.log_prod_qz),
+                          static_cast<A*>(args.log_qz_x),
+                          static_cast<A*>(args.log_pz),
                           static_cast<A*>(args.lse_marginal),
                           static_cast<A>(args.log_weight_self * kLog2E),
                           static_cast<A>(args.log_weight_next * kLog2E),
@@ -628,7 +702,9 @@ template <typename T>
 cudaError_t backward_typed(const KLDecompositionBackward& args, cudaStream_t stream) {
   using A = acc_t<T>;
   BackwardParams<T> params{static_cast<const A*>(args.grad_log_qz),
-                           static_cast<const A*>(args.grad_lse_marginal),
+                           static_cast<const A*>(args.grad_log_prod_qz),
+                           static_cast<const A*>(args.grad_log_qz_x),
+                           static_cast<const A*>(args.grad_log_pz),
                            static_cast<const T*>(args.z),
                            static_cast<const T*>(args.mu),
                            static_cast<const T*>(args.logvar),
@@ -648,7 +724,8 @@ cudaError_t backward_typed(const KLDecompositionBackward& args, cudaStream_t str
   if (err != cudaSuccess) return err;
   const size_t tile = static_cast<size_t>(params.geo.tile_rows) * params.geo.chunk;
   const size_t smem_z = 3 * tile * sizeof(A);
-  const size_t smem_posterior = (3 * tile + 2 * params.geo.tile_rows) * sizeof(A);
+  // z and log2 lse_marginal per (i, d); log2 log_qz, grad_log_qz and grad_log_prod_qz per i.
+  const size_t smem_posterior = (2 * tile + 3 * params.geo.tile_rows) * sizeof(A);
   const bool fused = args.dim <= params.geo.chunk;
   const int64_t models = args.models;
   err = fused ? launch(kl_decomposition_grad_z_kernel<T, true>, params, models, threads, smem_z,
@@ -686,7 +763,8 @@ cudaError_t kl_decomposition_forward(const KLDecompositionForward& args, cudaStr
 
 cudaError_t kl_decomposition_backward(const KLDecompositionBackward& args, cudaStream_t stream) {
   if (args.models == 0 || args.batch == 0 || args.dim == 0) return cudaSuccess;
-  if (args.grad_log_qz == nullptr && args.grad_lse_marginal == nullptr) {
+  if (args.grad_log_qz == nullptr && args.grad_log_prod_qz == nullptr &&
+      args.grad_log_qz_x == nullptr && args.grad_log_pz == nullptr) {
     // No incoming gradient: all three gradients are zero (all-zero bits in every dtype).
     const size_t bytes =
         static_cast<size_t>(args.models * args.batch * args.dim) * element_size(args.kind);
