@@ -38,7 +38,11 @@ def pytest_configure(config):
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    # The vector ISA ATen and pyvae's kernels run with (AVX2 or AVX512 on x86): the same 2-core
+    # machine type has come with either, and their timings differ by up to 2x.
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"{platform.processor() or platform.machine()} CPU ({isa}) "
+            f"x{torch.get_num_threads()} threads")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
