@@ -482,6 +482,23 @@ def test_opcheck(backend, device, dtype):
         opcheck_op("kl_decomposition_backward", backend, (*grads, *saved, log_qz, lse, *weights))
 
 
+@pytest.mark.parametrize("backend, device", backend_params())
+def test_kernel_returns_four_densities_and_saves_lse_marginal(backend, device):
+    """The forward op's outputs: the four log-densities (differentiable, equal to the public
+    terms) and lse_marginal, which only its backward reads (not differentiable)."""
+    import importlib
+    kernel = importlib.import_module("pyvae.ops.kl_decomposition").KERNEL_OP
+    z, mu, logvar = (t.requires_grad_() for t in make_inputs(9, 5, torch.float64, device))
+    weights = (-2.0, -1.0, -3.0)
+    *densities, lse = kernel.apply(backend, z, mu, logvar, *weights)
+    assert all(d.requires_grad for d in densities) and not lse.requires_grad
+    expected = reference64(z, mu, logvar, 1000, "mss")
+    actual = run(backend, z, mu, logvar, 1000, estimator="mss")
+    for name in ("log_qz", "log_prod_qz", "log_qz_x", "log_pz"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name))
+    torch.testing.assert_close(densities[1], lse.sum(-1))
+
+
 # ---- model batches: (K, B, D) inputs and torch.func.vmap ---------------------------------------
 
 def model_batch(k_models, batch, dim, dtype, device):
