@@ -10,7 +10,7 @@ STAMP := $(VENV)/.pyvae-installed
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 CU_SOURCES := $(shell find csrc -name '*.cu')
 
-.PHONY: setup test demo bench bench-quick cuda-check wheel-check gpu-check clean
+.PHONY: setup test demo bench bench-quick cuda-check cuda-adapter-check wheel-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PY) -m pip install --no-build-isolation -e .
 	@touch $@
 
-test: setup cuda-check wheel-check
+test: setup cuda-check cuda-adapter-check wheel-check
 	$(PY) -m pytest tests
 
 # Builds the wheel, installs it in a fresh venv outside the checkout, runs the CLI and one op.
@@ -53,6 +53,11 @@ cuda-check:
 		echo "cuda-check: $$f sm_$$arch"; \
 		$(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$arch,code=sm_$$arch -c $$f -o /dev/null || exit 1; \
 	done; done
+
+# Compile-checks the torch-to-CUDA adapters (csrc/ops/*.cpp under PYVAE_WITH_CUDA), which no
+# CPU build compiles, against the installed torch's headers.
+cuda-adapter-check: setup
+	.ci/cuda-adapter-check $(PY)
 
 # On a GPU machine with no network: build in place with CUDA, run every test on CUDA, benchmark.
 gpu-check:
