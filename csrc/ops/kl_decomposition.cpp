@@ -78,17 +78,15 @@ TORCH_LIBRARY_FRAGMENT(pyvae, m) {
 #ifdef PYVAE_WITH_CUDA
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-kl_decomposition_forward_cuda(const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar,
-                              double log_weight_self, double log_weight_next,
-                              double log_weight_other) {
+KLDecompositionOutputs kl_decomposition_forward_cuda(const at::Tensor& z, const at::Tensor& mu,
+                                                     const at::Tensor& logvar,
+                                                     double log_weight_self,
+                                                     double log_weight_next,
+                                                     double log_weight_other) {
   check_kl_decomposition_args(z, mu, logvar);
   const c10::cuda::CUDAGuard guard(z.device());
-  const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
-  const at::IntArrayRef rows = z.sizes().slice(0, z.dim() - 1);
-  at::Tensor log_qz = at::empty(rows, acc), log_prod_qz = at::empty(rows, acc);
-  at::Tensor log_qz_x = at::empty(rows, acc), log_pz = at::empty(rows, acc);
-  at::Tensor lse_marginal = at::empty(z.sizes(), acc);
+  KLDecompositionOutputs outputs = empty_kl_decomposition_outputs(z);
+  auto& [log_qz, log_prod_qz, log_qz_x, log_pz, lse_marginal] = outputs;
   cuda::KLDecompositionForward args{z.data_ptr(), mu.data_ptr(), logvar.data_ptr(),
                                     log_weight_self, log_weight_next, log_weight_other,
                                     log_qz.data_ptr(), log_prod_qz.data_ptr(),
@@ -99,7 +97,7 @@ kl_decomposition_forward_cuda(const at::Tensor& z, const at::Tensor& mu, const a
       cuda::kl_decomposition_forward(args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_decomposition_forward (cuda): ",
               cudaGetErrorString(status));
-  return {log_qz, log_prod_qz, log_qz_x, log_pz, lse_marginal};
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_decomposition_backward_cuda(

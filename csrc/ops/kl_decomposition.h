@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 #include "ops/common.h"
 
@@ -42,6 +43,17 @@ void check_kl_decomposition_backward_args(const std::optional<at::Tensor>& grad_
                                           const at::Tensor& z, const at::Tensor& mu,
                                           const at::Tensor& logvar, const at::Tensor& log_qz,
                                           const at::Tensor& lse_marginal);
+
+// The forward's outputs (log_qz, log_prod_qz, log_qz_x, log_pz, lse_marginal) for a checked z,
+// uninitialised: four ([K,] B) and one ([K,] B, D), in accumulation_dtype of z.
+using KLDecompositionOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+inline KLDecompositionOutputs empty_kl_decomposition_outputs(const at::Tensor& z) {
+  const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
+  const at::IntArrayRef rows = z.sizes().slice(0, z.dim() - 1);
+  return {at::empty(rows, acc), at::empty(rows, acc), at::empty(rows, acc), at::empty(rows, acc),
+          at::empty(z.sizes(), acc)};
+}
 
 // K, the number of models of a checked z: 1 for a 2-D z.
 inline int64_t kl_decomposition_models(const at::Tensor& z) {

@@ -402,15 +402,13 @@ void forward_impl(const Batch<T>& in, const Outputs<T>& out) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_decomposition_forward_cpu(
-    const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar, double log_weight_self,
-    double log_weight_next, double log_weight_other) {
+KLDecompositionOutputs kl_decomposition_forward_cpu(const at::Tensor& z, const at::Tensor& mu,
+                                                    const at::Tensor& logvar,
+                                                    double log_weight_self, double log_weight_next,
+                                                    double log_weight_other) {
   check_kl_decomposition_args(z, mu, logvar);
-  const at::TensorOptions acc = z.options().dtype(accumulation_dtype(z.scalar_type()));
-  const at::IntArrayRef rows = z.sizes().slice(0, z.dim() - 1);
-  at::Tensor log_qz = at::empty(rows, acc), log_prod_qz = at::empty(rows, acc);
-  at::Tensor log_qz_x = at::empty(rows, acc), log_pz = at::empty(rows, acc);
-  at::Tensor lse_marginal = at::empty(z.sizes(), acc);
+  KLDecompositionOutputs outputs = empty_kl_decomposition_outputs(z);
+  auto& [log_qz, log_prod_qz, log_qz_x, log_pz, lse_marginal] = outputs;
   if (z.numel() > 0) {
     const auto run = [&](auto zero) {
       using T = decltype(zero);
@@ -419,10 +417,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_decomp
                                   log_qz_x.data_ptr<T>(), log_pz.data_ptr<T>(),
                                   lse_marginal.data_ptr<T>()});
     };
-    if (acc.dtype() == at::kDouble) run(double(0));
+    if (log_qz.scalar_type() == at::kDouble) run(double(0));
     else run(float(0));
   }
-  return {log_qz, log_prod_qz, log_qz_x, log_pz, lse_marginal};
+  return outputs;
 }
 
 // The blocks of samples of the backward: a function of (B, D) only, never of the thread count,
